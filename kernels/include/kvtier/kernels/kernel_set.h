@@ -1,0 +1,40 @@
+// kvtier/kernels/kernel_set.h — the one kernel interface every backend
+// implements (CPU now, CUDA later), over the plain structs of params.h.
+//
+// Batched calls take independent items (distinct outputs); an implementation
+// may run them in parallel. A KernelSet is thread-safe: concurrent calls on
+// disjoint data are allowed.
+#ifndef KVTIER_KERNELS_KERNEL_SET_H_
+#define KVTIER_KERNELS_KERNEL_SET_H_
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string_view>
+
+#include "kvtier/kernels/params.h"
+
+namespace kvtier::kernels {
+
+class KernelSet {
+ public:
+  virtual ~KernelSet() = default;
+  virtual std::string_view name() const = 0;
+
+  // Decode attention for each item (one per sequence and KV head).
+  virtual void Attend(std::span<const AttendParams> items) = 0;
+  // Sketch inserts/removes; items must touch distinct sketches.
+  virtual void SketchUpdate(std::span<const SketchUpdateParams> items) = 0;
+  virtual void SketchEstimate(const SketchEstimateParams& p) = 0;
+  virtual void SketchScores(const SketchScoreParams& p) = 0;
+  virtual void CopyRows(std::span<const RowCopyParams> items) = 0;
+  // Elements of data[0, n) that are NaN or infinite. data is [device].
+  virtual int64_t CountNonFinite(const void* data, int64_t n, DType dtype) = 0;
+};
+
+// The CPU implementation: oneTBB across items, vectorised inner loops.
+std::unique_ptr<KernelSet> MakeCpuKernelSet();
+
+}  // namespace kvtier::kernels
+
+#endif  // KVTIER_KERNELS_KERNEL_SET_H_

@@ -1,0 +1,141 @@
+// kvtier/options.h — everything a Runtime is configured with, with defaults.
+//
+// Options is a plain value type. Runtime::Create validates it (Validate()) and
+// derives the region and sketch sizes from the device budget (kvtier/budget.h).
+// Every field documents its default and its limits.
+#ifndef KVTIER_OPTIONS_H_
+#define KVTIER_OPTIONS_H_
+
+#include <cstdint>
+#include <optional>
+#include <string_view>
+
+#include "absl/status/status.h"
+#include "kvtier/dtype.h"
+#include "kvtier/model_shape.h"
+
+namespace kvtier {
+
+// How the exact K/V of pushed-out ("vague") tokens are summarised on the device.
+enum class SketchKind : uint8_t {
+  // No sketch: vague tokens leave attention entirely (an eviction policy).
+  // Requires VaguePolicy::kDrop.
+  kNone = 0,
+  // Signed Count-Sketch over vectors (the KVReviver sketch), centred on the
+  // running mean of the vague keys and values.
+  kCountSketch = 1,
+  // Content-hashed buckets (SimHash of the centred key): each bucket keeps the
+  // sum of its keys and values and its count, i.e. a streaming cluster that
+  // enters attention as one pseudo-token with a log(count) logit bias.
+  kCentroid = 2,
+};
+
+// What attention does with vague tokens whose exact K/V are not on the device.
+enum class VaguePolicy : uint8_t {
+  kDrop = 0,      // leave them out of the softmax
+  kEstimate = 1,  // include the sketch's reconstruction as is
+  // Count-Sketch: include mu + alpha * (reconstructed residual), alpha the
+  // signal/(signal + collision noise) ratio rows*width / (rows*width + n - 1)
+  // for n sketched tokens. Centroid: bucket means are already pooled
+  // estimates, so kShrink behaves as kEstimate.
+  kShrink = 2,
+};
+
+enum class BackendKind : uint8_t {
+  kAuto = 0,  // CUDA when a device and the CUDA backend are present, else CPU
+  kCpu = 1,
+  kCuda = 2,
+};
+
+std::string_view SketchKindName(SketchKind k);
+std::string_view VaguePolicyName(VaguePolicy p);
+std::string_view BackendKindName(BackendKind b);
+
+// Smallest recent window and sketch the budget planner accepts.
+inline constexpr int kMinRecentTokens = 16;
+inline constexpr int kMinSketchBuckets = 16;  // per row
+inline constexpr int kMaxSketchRows = 8;
+
+struct Options {
+  ModelShape shape;  // required; see ModelShape::Validate
+
+  // ---- Device budget: one number covers sink, recent, candidate, staging,
+  // sketch and metadata of every sequence. ----
+  // Total device bytes. 0 (default): use device_budget_fraction.
+  int64_t device_budget_bytes = 0;
+  // Used when device_budget_bytes == 0: the fraction of the full cache of
+  // max_sequences sequences at max_context tokens. Default 0.10, in (0, 1];
+  // 1.0 holds every token exactly (no compression).
+  double device_budget_fraction = 0.10;
+  // Longest sequence, in tokens. Default 8192, in [1, 2^30].
+  int64_t max_context = 8192;
+  // Sequences held at once; the budget is split evenly between them.
+  // Default 1, in [1, 65536].
+  int max_sequences = 1;
+
+  // ---- Regions (sizes are per layer and KV head, in tokens) ----
+  // Attention-sink tokens kept at the start. Default 4, in [0, 1024].
+  int sink_tokens = 4;
+  // Recent window. 0 (default): derived from recent_share; else >= kMinRecentTokens.
+  int recent_tokens = 0;
+  // Heavy-hitter candidates. -1 (default): derived from candidate_share; 0 disables.
+  int candidate_tokens = -1;
+  // Staging slots for recalled vague tokens. -1 (default): derived from staging_share.
+  int staging_tokens = -1;
+  // Shares of the bytes left after sink and metadata, used for the sizes that
+  // are derived (explicit sizes take their bytes first; the derived ones split
+  // the rest in proportion to their shares). Each in [0, 1].
+  double recent_share = 0.25;     // default 0.25
+  double candidate_share = 0.35;  // default 0.35
+  double staging_share = 0.15;    // default 0.15
+  double sketch_share = 0.25;     // default 0.25
+  // Accumulated-attention decay applied before each step's probabilities are
+  // added to a resident token's score. Default 1.0 (plain H2O sums), in (0, 1].
+  double score_decay = 1.0;
+
+  // ---- Sketch ----
+  SketchKind sketch_kind = SketchKind::kCountSketch;  // default Count-Sketch
+  // Hash rows. 0 (default): 1 (at equal memory more rows do not lower the
+  // mean-combined error, and one row lets attention run per bucket). In [0, 8].
+  int sketch_rows = 0;
+  // Buckets per row. 0 (default): derived from sketch_share; the centroid
+  // sketch rounds down to a power of two (SimHash bits). In [0, 65536].
+  int sketch_width = 0;
+  VaguePolicy vague_policy = VaguePolicy::kShrink;  // default kShrink
+
+  // ---- Host tier ----
+  // Tokens per host block (one layer and KV head, K then V). Default 16, in [1, 4096].
+  int block_tokens = 16;
+  // Cap on host-tier bytes; 0 (default) = no cap. Appends that would need more
+  // fail with ResourceExhausted and leave the sequence unchanged.
+  int64_t host_tier_bytes = 0;
+
+  // Logit scale of attention. 0 (default): 1 / sqrt(head_dim). Else > 0.
+  double attention_scale = 0.0;
+
+  // Seed for the sketch hashes and SimHash planes. Default fixed.
+  uint64_t seed = 0x6b7674696572ull;
+  BackendKind backend = BackendKind::kAuto;  // default kAuto
+
+  // InvalidArgument naming the offending field and value.
+  absl::Status Validate() const;
+};
+
+// Per-call options of Runtime::Append.
+struct AppendOptions {
+  // Optional [n][kv_heads] initial accumulated attention of each appended
+  // token (for example column sums of the prefill attention), used to pick
+  // heavy hitters when a prefill chunk overflows the recent window. Host
+  // memory. Null (default): 0 for every token.
+  const float* scores = nullptr;
+};
+
+// Per-call options of Runtime::Attend.
+struct AttendOptions {
+  // dtype of the output; default: the model dtype.
+  std::optional<DType> out_dtype;
+};
+
+}  // namespace kvtier
+
+#endif  // KVTIER_OPTIONS_H_

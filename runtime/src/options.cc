@@ -1,0 +1,114 @@
+#include "kvtier/options.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace kvtier {
+
+std::string_view SketchKindName(SketchKind k) {
+  switch (k) {
+    case SketchKind::kNone: return "none";
+    case SketchKind::kCountSketch: return "count-sketch";
+    case SketchKind::kCentroid: return "centroid";
+  }
+  return "?";
+}
+
+std::string_view VaguePolicyName(VaguePolicy p) {
+  switch (p) {
+    case VaguePolicy::kDrop: return "drop";
+    case VaguePolicy::kEstimate: return "estimate";
+    case VaguePolicy::kShrink: return "shrink";
+  }
+  return "?";
+}
+
+std::string_view BackendKindName(BackendKind b) {
+  switch (b) {
+    case BackendKind::kAuto: return "auto";
+    case BackendKind::kCpu: return "cpu";
+    case BackendKind::kCuda: return "cuda";
+  }
+  return "?";
+}
+
+namespace {
+
+absl::Status Bad(const char* field, const std::string& want, const std::string& got) {
+  return absl::InvalidArgumentError(absl::StrFormat("options.%s must be %s, got %s", field, want, got));
+}
+
+bool InUnit(double x) { return std::isfinite(x) && x >= 0.0 && x <= 1.0; }
+
+}  // namespace
+
+absl::Status Options::Validate() const {
+  if (absl::Status st = shape.Validate(); !st.ok()) return st;
+  if (device_budget_bytes < 0) return Bad("device_budget_bytes", ">= 0", absl::StrCat(device_budget_bytes));
+  if (device_budget_bytes == 0 &&
+      !(std::isfinite(device_budget_fraction) && device_budget_fraction > 0.0 && device_budget_fraction <= 1.0)) {
+    return Bad("device_budget_fraction", "in (0, 1] when device_budget_bytes is 0",
+               absl::StrCat(device_budget_fraction));
+  }
+  if (max_context < 1 || max_context > (int64_t{1} << 30)) {
+    return Bad("max_context", "in [1, 2^30]", absl::StrCat(max_context));
+  }
+  if (max_sequences < 1 || max_sequences > 65536) {
+    return Bad("max_sequences", "in [1, 65536]", absl::StrCat(max_sequences));
+  }
+  if (sink_tokens < 0 || sink_tokens > 1024) return Bad("sink_tokens", "in [0, 1024]", absl::StrCat(sink_tokens));
+  if (recent_tokens != 0 && (recent_tokens < kMinRecentTokens || recent_tokens > max_context)) {
+    return Bad("recent_tokens", absl::StrFormat("0 (derived) or in [%d, max_context = %d]", kMinRecentTokens,
+                                                max_context),
+               absl::StrCat(recent_tokens));
+  }
+  if (candidate_tokens < -1 || candidate_tokens > max_context) {
+    return Bad("candidate_tokens", absl::StrFormat("-1 (derived) or in [0, max_context = %d]", max_context),
+               absl::StrCat(candidate_tokens));
+  }
+  if (staging_tokens < -1 || staging_tokens > max_context) {
+    return Bad("staging_tokens", absl::StrFormat("-1 (derived) or in [0, max_context = %d]", max_context),
+               absl::StrCat(staging_tokens));
+  }
+  if (!InUnit(recent_share)) return Bad("recent_share", "in [0, 1]", absl::StrCat(recent_share));
+  if (!InUnit(candidate_share)) return Bad("candidate_share", "in [0, 1]", absl::StrCat(candidate_share));
+  if (!InUnit(staging_share)) return Bad("staging_share", "in [0, 1]", absl::StrCat(staging_share));
+  if (!InUnit(sketch_share)) return Bad("sketch_share", "in [0, 1]", absl::StrCat(sketch_share));
+  if (!(std::isfinite(score_decay) && score_decay > 0.0 && score_decay <= 1.0)) {
+    return Bad("score_decay", "in (0, 1]", absl::StrCat(score_decay));
+  }
+  if (sketch_kind != SketchKind::kNone && sketch_kind != SketchKind::kCountSketch &&
+      sketch_kind != SketchKind::kCentroid) {
+    return Bad("sketch_kind", "none, count-sketch or centroid", absl::StrCat(int(sketch_kind)));
+  }
+  if (vague_policy != VaguePolicy::kDrop && vague_policy != VaguePolicy::kEstimate &&
+      vague_policy != VaguePolicy::kShrink) {
+    return Bad("vague_policy", "drop, estimate or shrink", absl::StrCat(int(vague_policy)));
+  }
+  if (sketch_kind == SketchKind::kNone && vague_policy != VaguePolicy::kDrop) {
+    return Bad("vague_policy", "drop when sketch_kind is none", std::string(VaguePolicyName(vague_policy)));
+  }
+  if (sketch_rows < 0 || sketch_rows > kMaxSketchRows) {
+    return Bad("sketch_rows", absl::StrFormat("in [0, %d]", kMaxSketchRows), absl::StrCat(sketch_rows));
+  }
+  if (sketch_width != 0 && (sketch_width < kMinSketchBuckets || sketch_width > 65536)) {
+    return Bad("sketch_width", absl::StrFormat("0 (derived) or in [%d, 65536]", kMinSketchBuckets),
+               absl::StrCat(sketch_width));
+  }
+  if (sketch_kind == SketchKind::kCentroid && sketch_width != 0 && (sketch_width & (sketch_width - 1)) != 0) {
+    return Bad("sketch_width", "a power of two for the centroid sketch", absl::StrCat(sketch_width));
+  }
+  if (!(std::isfinite(attention_scale) && attention_scale >= 0.0)) {
+    return Bad("attention_scale", "0 (1/sqrt(head_dim)) or > 0", absl::StrCat(attention_scale));
+  }
+  if (block_tokens < 1 || block_tokens > 4096) return Bad("block_tokens", "in [1, 4096]", absl::StrCat(block_tokens));
+  if (host_tier_bytes < 0) return Bad("host_tier_bytes", ">= 0", absl::StrCat(host_tier_bytes));
+  if (backend != BackendKind::kAuto && backend != BackendKind::kCpu && backend != BackendKind::kCuda) {
+    return Bad("backend", "auto, cpu or cuda", absl::StrCat(int(backend)));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvtier

@@ -1,0 +1,598 @@
+#include "kvtier/runtime.h"
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cmath>
+#include <cstring>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/cleanup/cleanup.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
+#include "head_cache.h"
+#include "kvtier/allocator/device_arena.h"
+#include "kvtier/backend.h"
+#include "kvtier/kernels/hash.h"
+#include "kvtier/offload/host_tier.h"
+#include "oneapi/tbb/parallel_for.h"
+
+namespace kvtier {
+namespace {
+
+struct Sequence {
+  explicit Sequence(SequenceId id) : id(id) {}
+  const SequenceId id;
+  absl::Mutex mu;
+  bool removed ABSL_GUARDED_BY(mu) = false;
+  void* chunk = nullptr;
+  std::vector<std::unique_ptr<HeadCache>> heads;  // [layer][kv_head]
+};
+
+// Deterministic standard normals (Box-Muller over splitmix64), so SimHash
+// planes are the same on every platform for a seed.
+void FillGaussian(uint64_t seed, std::vector<float>& out) {
+  uint64_t state = seed;
+  auto next = [&] {
+    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return (static_cast<double>(z >> 11) + 0.5) * (1.0 / 9007199254740992.0);  // (0, 1)
+  };
+  for (size_t i = 0; i < out.size(); i += 2) {
+    const double r = std::sqrt(-2.0 * std::log(next()));
+    const double t = 2.0 * M_PI * next();
+    out[i] = static_cast<float>(r * std::cos(t));
+    if (i + 1 < out.size()) out[i + 1] = static_cast<float>(r * std::sin(t));
+  }
+}
+
+}  // namespace
+
+class Runtime::Impl {
+ public:
+  Options options;
+  BudgetPlan plan;
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<DeviceArena> arena;
+  std::unique_ptr<HostTier> tier;
+  HeadContext ctx;
+  float scale = 1.0f;
+
+  mutable absl::Mutex map_mu;
+  absl::flat_hash_map<SequenceId, std::shared_ptr<Sequence>> sequences ABSL_GUARDED_BY(map_mu);
+
+  std::atomic<int64_t> attends{0};
+  std::atomic<int64_t> exact{0}, from_sketch{0}, dropped{0};
+  std::atomic<int64_t> appended{0}, recalled{0};
+
+  int heads_per_layer() const { return options.shape.kv_heads; }
+  int64_t q_row_bytes() const { return options.shape.head_dim * static_cast<int64_t>(DTypeSize(options.shape.dtype)); }
+
+  absl::StatusOr<std::shared_ptr<Sequence>> Find(SequenceId id) const {
+    absl::ReaderMutexLock lock(&map_mu);
+    auto it = sequences.find(id);
+    if (it == sequences.end()) return absl::NotFoundError(absl::StrFormat("sequence %d not found", id));
+    return it->second;
+  }
+
+  absl::Status CheckLayer(int layer) const {
+    if (layer < 0 || layer >= options.shape.layers) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("layer %d is outside [0, %d)", layer, options.shape.layers));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status CheckHead(int layer, int kv_head) const {
+    if (absl::Status st = CheckLayer(layer); !st.ok()) return st;
+    if (kv_head < 0 || kv_head >= options.shape.kv_heads) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("KV head %d is outside [0, %d)", kv_head, options.shape.kv_heads));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status CheckFinite(const void* data, int64_t n, const char* what) const {
+    const int64_t bad = backend->kernels().CountNonFinite(data, n, options.shape.dtype);
+    if (bad > 0) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s holds %d non-finite values (NaN or infinity) among %d", what, bad, n));
+    }
+    return absl::OkStatus();
+  }
+
+  HeadCache& Head(Sequence& s, int layer, int kv_head) const {
+    return *s.heads[static_cast<size_t>(layer) * options.shape.kv_heads + kv_head];
+  }
+
+  // Locks a live sequence; NotFound if it is unknown or being removed.
+  absl::Status Lock(Sequence& s) const ABSL_EXCLUSIVE_LOCK_FUNCTION(s.mu) {
+    s.mu.Lock();
+    if (s.removed) return absl::NotFoundError(absl::StrFormat("sequence %d not found", s.id));
+    return absl::OkStatus();
+  }
+
+  // Fills the per-call fields of one head's attention.
+  void FillAttend(Sequence& s, int layer, int h, const void* q, void* out, DType out_dtype,
+                  kernels::AttendParams& p) const {
+    const ModelShape& sh = options.shape;
+    Head(s, layer, h).FillAttend(p);
+    p.head_dim = sh.head_dim;
+    p.group = sh.group();
+    p.dtype = sh.dtype;
+    p.out_dtype = out_dtype;
+    p.scale = scale;
+    p.q = static_cast<const char*>(q) + static_cast<int64_t>(h) * sh.group() * q_row_bytes();
+    p.out = static_cast<char*>(out) + static_cast<int64_t>(h) * sh.group() * sh.head_dim * DTypeSize(out_dtype);
+  }
+
+  absl::StatusOr<AttendCounts> FinishAttend(Sequence& s, int layer) {
+    AttendCounts counts;
+    for (int h = 0; h < heads_per_layer(); ++h) {
+      HeadCache& head = Head(s, layer, h);
+      if (absl::Status st = head.AfterAttend(); !st.ok()) return st;
+      counts += head.Served();
+    }
+    attends.fetch_add(1, std::memory_order_relaxed);
+    exact.fetch_add(counts.exact, std::memory_order_relaxed);
+    from_sketch.fetch_add(counts.from_sketch, std::memory_order_relaxed);
+    dropped.fetch_add(counts.dropped, std::memory_order_relaxed);
+    return counts;
+  }
+
+  absl::Status CheckAttendable(Sequence& s, int layer) const {
+    if (Head(s, layer, 0).length() == 0) {
+      return absl::FailedPreconditionError(
+          absl::StrFormat("sequence %d has no tokens in layer %d to attend to", s.id, layer));
+    }
+    return absl::OkStatus();
+  }
+};
+
+Runtime::Runtime(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Runtime::~Runtime() {
+  // Return every sequence's host blocks before the tier goes.
+  absl::MutexLock lock(&impl_->map_mu);
+  for (auto& [id, seq] : impl_->sequences) {
+    for (auto& head : seq->heads) head->Release().IgnoreError();
+  }
+}
+
+absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const Options& options) {
+  absl::StatusOr<BudgetPlan> plan = PlanBudget(options);
+  if (!plan.ok()) return plan.status();
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  impl->plan = *plan;
+  absl::StatusOr<std::unique_ptr<Backend>> backend = CreateBackend(options.backend);
+  if (!backend.ok()) return backend.status();
+  impl->backend = std::move(*backend);
+
+  const ModelShape& sh = options.shape;
+  const HeadLayout layout = ComputeHeadLayout(sh, options.max_context, plan->slots(), plan->sketch_kind,
+                                              plan->sketch_rows, plan->sketch_width);
+  absl::StatusOr<std::unique_ptr<DeviceArena>> arena = DeviceArena::Create(
+      *impl->backend, {.prefix_bytes = plan->shared_bytes,
+                       .chunk_bytes = plan->per_sequence_bytes,
+                       .chunk_count = options.max_sequences});
+  if (!arena.ok()) return arena.status();
+  impl->arena = std::move(*arena);
+
+  const int64_t row_bytes = sh.head_dim * static_cast<int64_t>(DTypeSize(sh.dtype));
+  absl::StatusOr<std::unique_ptr<HostTier>> tier = HostTier::Create(
+      *impl->backend, {.block_bytes = 2 * options.block_tokens * row_bytes,
+                       .capacity_bytes = options.host_tier_bytes,
+                       .blocks_per_chunk = std::max(1, static_cast<int>((1 << 20) / (2 * options.block_tokens * row_bytes)))});
+  if (!tier.ok()) return tier.status();
+  impl->tier = std::move(*tier);
+
+  if (plan->sketch_kind == SketchKind::kCentroid && plan->compressed) {
+    const int bits = std::countr_zero(static_cast<unsigned>(plan->sketch_width));
+    std::vector<float> planes(static_cast<size_t>(plan->sketch_rows) * bits * sh.head_dim);
+    FillGaussian(options.seed ^ 0x5eedf00dull, planes);
+    if (absl::Status st = impl->backend->Copy(impl->arena->prefix(), planes.data(),
+                                              static_cast<int64_t>(planes.size() * sizeof(float)),
+                                              CopyKind::kHostToDevice);
+        !st.ok())
+      return st;
+    impl->ctx.planes = static_cast<const float*>(impl->arena->prefix());
+  }
+  impl->ctx.layout = layout;
+  impl->ctx.backend = impl->backend.get();
+  impl->ctx.tier = impl->tier.get();
+  impl->ctx.row_bytes = row_bytes;
+  impl->scale = options.attention_scale > 0 ? static_cast<float>(options.attention_scale)
+                                            : 1.0f / std::sqrt(static_cast<float>(sh.head_dim));
+  // Pointers into impl itself: set once impl sits at its final address.
+  impl->ctx.options = &impl->options;
+  impl->ctx.plan = &impl->plan;
+  return std::unique_ptr<Runtime>(new Runtime(std::move(impl)));
+}
+
+const Options& Runtime::options() const { return impl_->options; }
+const BudgetPlan& Runtime::plan() const { return impl_->plan; }
+std::string_view Runtime::backend_name() const { return impl_->backend->name(); }
+
+absl::Status Runtime::AddSequence(SequenceId id) {
+  absl::MutexLock lock(&impl_->map_mu);
+  if (impl_->sequences.contains(id)) {
+    return absl::AlreadyExistsError(absl::StrFormat("sequence %d already exists", id));
+  }
+  absl::StatusOr<void*> chunk = impl_->arena->AllocateChunk();
+  if (!chunk.ok()) {
+    return absl::ResourceExhaustedError(absl::StrFormat("cannot add sequence %d: all max_sequences = %d are live",
+                                                        id, impl_->options.max_sequences));
+  }
+  auto seq = std::make_shared<Sequence>(id);
+  seq->chunk = *chunk;
+  const ModelShape& sh = impl_->options.shape;
+  const int64_t head_bytes = impl_->ctx.layout.bytes;
+  seq->heads.reserve(static_cast<size_t>(sh.layers) * sh.kv_heads);
+  for (int l = 0; l < sh.layers; ++l) {
+    for (int h = 0; h < sh.kv_heads; ++h) {
+      char* base = static_cast<char*>(*chunk) + (static_cast<int64_t>(l) * sh.kv_heads + h) * head_bytes;
+      seq->heads.push_back(std::make_unique<HeadCache>(impl_->ctx, base, l, h));
+      if (absl::Status st = seq->heads.back()->Init(); !st.ok()) {
+        impl_->arena->FreeChunk(*chunk);
+        return st;
+      }
+    }
+  }
+  impl_->sequences.emplace(id, std::move(seq));
+  return absl::OkStatus();
+}
+
+absl::Status Runtime::RemoveSequence(SequenceId id) {
+  std::shared_ptr<Sequence> seq;
+  {
+    absl::MutexLock lock(&impl_->map_mu);
+    auto it = impl_->sequences.find(id);
+    if (it == impl_->sequences.end()) return absl::NotFoundError(absl::StrFormat("sequence %d not found", id));
+    seq = std::move(it->second);
+    impl_->sequences.erase(it);
+  }
+  // Wait for calls in flight on the sequence, then release it.
+  absl::MutexLock lock(&seq->mu);
+  seq->removed = true;
+  absl::Status result;
+  for (auto& head : seq->heads) result.Update(head->Release());
+  seq->heads.clear();
+  impl_->arena->FreeChunk(seq->chunk);
+  return result;
+}
+
+absl::StatusOr<int64_t> Runtime::Length(SequenceId id, int layer) const {
+  if (absl::Status st = impl_->CheckLayer(layer); !st.ok()) return st;
+  absl::StatusOr<std::shared_ptr<Sequence>> seq = impl_->Find(id);
+  if (!seq.ok()) return seq.status();
+  Sequence& s = **seq;
+  absl::Status st = impl_->Lock(s);
+  absl::Cleanup unlock = [&] { s.mu.Unlock(); };
+  if (!st.ok()) return st;
+  return impl_->Head(s, layer, 0).length();
+}
+
+absl::Status Runtime::Append(SequenceId id, int layer, const void* k, const void* v, int64_t n,
+                             const AppendOptions& options) {
+  Impl& I = *impl_;
+  const ModelShape& sh = I.options.shape;
+  if (absl::Status st = I.CheckLayer(layer); !st.ok()) return st;
+  if (n < 1) return absl::InvalidArgumentError(absl::StrFormat("append of %d tokens: n must be >= 1", n));
+  if (k == nullptr || v == nullptr) return absl::InvalidArgumentError("append: k and v must not be null");
+  const int64_t elems = n * sh.kv_heads * sh.head_dim;
+  if (absl::Status st = I.CheckFinite(k, elems, "k"); !st.ok()) return st;
+  if (absl::Status st = I.CheckFinite(v, elems, "v"); !st.ok()) return st;
+  if (options.scores != nullptr) {
+    for (int64_t i = 0; i < n * sh.kv_heads; ++i) {
+      if (!std::isfinite(options.scores[i]) || options.scores[i] < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("append: scores[%d] = %g; initial scores must be finite and >= 0", i, options.scores[i]));
+      }
+    }
+  }
+  absl::StatusOr<std::shared_ptr<Sequence>> seq = I.Find(id);
+  if (!seq.ok()) return seq.status();
+  Sequence& s = **seq;
+  absl::Status lock_status = I.Lock(s);
+  absl::Cleanup unlock = [&] { s.mu.Unlock(); };
+  if (!lock_status.ok()) return lock_status;
+
+  const int64_t len = I.Head(s, layer, 0).length();
+  if (len + n > I.options.max_context) {
+    return absl::ResourceExhaustedError(
+        absl::StrFormat("appending %d tokens to layer %d of sequence %d (length %d) would exceed max_context %d", n,
+                        layer, id, len, I.options.max_context));
+  }
+
+  // Plan every head, reserve the host blocks, then carry the plans out.
+  const int H = sh.kv_heads;
+  std::vector<HeadCache::AppendPlan> plans(H);
+  std::vector<AppendSource> sources(H);
+  std::vector<int64_t> first_block(H + 1, 0);
+  for (int h = 0; h < H; ++h) {
+    sources[h] = AppendSource{static_cast<const char*>(k) + h * I.q_row_bytes(),
+                              static_cast<const char*>(v) + h * I.q_row_bytes(), H * I.q_row_bytes(),
+                              options.scores ? options.scores + h : nullptr, H};
+    I.Head(s, layer, h).PlanAppend(n, sources[h], plans[h]);
+    first_block[h + 1] = first_block[h] + I.Head(s, layer, h).BlocksNeeded(plans[h]);
+  }
+  std::vector<BlockId> blocks;
+  blocks.reserve(first_block[H]);
+  for (int64_t i = 0; i < first_block[H]; ++i) {
+    absl::StatusOr<BlockId> b = I.tier->Allocate();
+    if (!b.ok()) {
+      for (BlockId got : blocks) I.tier->Free(got).IgnoreError();
+      return absl::ResourceExhaustedError(
+          absl::StrFormat("appending %d tokens to layer %d of sequence %d needs %d host-tier blocks: %s", n, layer,
+                          id, first_block[H], b.status().message()));
+    }
+    blocks.push_back(*b);
+  }
+  std::vector<absl::Status> results(H);
+  auto apply = [&](int h) {
+    results[h] = I.Head(s, layer, h).ApplyAppend(
+        plans[h], sources[h],
+        std::span<const BlockId>(blocks.data() + first_block[h], first_block[h + 1] - first_block[h]));
+  };
+  if (n == 1 || H == 1) {
+    for (int h = 0; h < H; ++h) apply(h);
+  } else {
+    tbb::parallel_for(0, H, apply);
+  }
+  for (const absl::Status& st : results) {
+    if (!st.ok()) return absl::InternalError(absl::StrCat("append failed half-way: ", st.message()));
+  }
+  I.appended.fetch_add(n, std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<AttendCounts> Runtime::Attend(SequenceId id, int layer, const void* q, void* out,
+                                             const AttendOptions& options) {
+  AttendItem item{id, q, out};
+  return AttendBatch(layer, {&item, 1}, options);
+}
+
+absl::StatusOr<AttendCounts> Runtime::AttendBatch(int layer, absl::Span<const AttendItem> items,
+                                                  const AttendOptions& options) {
+  Impl& I = *impl_;
+  const ModelShape& sh = I.options.shape;
+  if (absl::Status st = I.CheckLayer(layer); !st.ok()) return st;
+  if (items.empty()) return AttendCounts{};
+  const DType out_dtype = options.out_dtype.value_or(sh.dtype);
+  if (out_dtype != DType::kF32 && out_dtype != DType::kF16 && out_dtype != DType::kBF16) {
+    return absl::InvalidArgumentError(absl::StrFormat("attend: out_dtype %d is not f32, f16 or bf16", int(out_dtype)));
+  }
+  std::vector<std::shared_ptr<Sequence>> seqs;
+  for (const AttendItem& it : items) {
+    if (it.q == nullptr || it.out == nullptr) {
+      return absl::InvalidArgumentError(absl::StrFormat("attend: q and out of sequence %d must not be null", it.sequence));
+    }
+    if (absl::Status st = I.CheckFinite(it.q, static_cast<int64_t>(sh.q_heads) * sh.head_dim, "q"); !st.ok())
+      return st;
+    absl::StatusOr<std::shared_ptr<Sequence>> seq = I.Find(it.sequence);
+    if (!seq.ok()) return seq.status();
+    seqs.push_back(*seq);
+  }
+  // Lock in id order so concurrent batches cannot deadlock.
+  std::vector<size_t> order(items.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return items[a].sequence < items[b].sequence; });
+  for (size_t i = 1; i < order.size(); ++i) {
+    if (items[order[i]].sequence == items[order[i - 1]].sequence) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("attend batch names sequence %d twice", items[order[i]].sequence));
+    }
+  }
+  size_t locked = 0;
+  absl::Cleanup unlock = [&] {
+    for (size_t i = 0; i < locked; ++i) seqs[order[i]]->mu.Unlock();
+  };
+  for (size_t i = 0; i < order.size(); ++i) {
+    Sequence& s = *seqs[order[i]];
+    absl::Status st = I.Lock(s);
+    ++locked;
+    if (!st.ok()) return st;
+    if (absl::Status st2 = I.CheckAttendable(s, layer); !st2.ok()) return st2;
+  }
+
+  const int H = sh.kv_heads;
+  std::vector<kernels::AttendParams> params(items.size() * H);
+  for (size_t i = 0; i < items.size(); ++i) {
+    for (int h = 0; h < H; ++h) I.FillAttend(*seqs[i], layer, h, items[i].q, items[i].out, out_dtype, params[i * H + h]);
+  }
+  I.backend->kernels().Attend(params);
+  AttendCounts total;
+  for (size_t i = 0; i < items.size(); ++i) {
+    absl::StatusOr<AttendCounts> c = I.FinishAttend(*seqs[i], layer);
+    if (!c.ok()) return c.status();
+    total += *c;
+  }
+  return total;
+}
+
+absl::StatusOr<int> Runtime::Recall(SequenceId id, int layer, int kv_head, absl::Span<const int64_t> positions) {
+  Impl& I = *impl_;
+  if (absl::Status st = I.CheckHead(layer, kv_head); !st.ok()) return st;
+  absl::StatusOr<std::shared_ptr<Sequence>> seq = I.Find(id);
+  if (!seq.ok()) return seq.status();
+  Sequence& s = **seq;
+  absl::Status lock_status = I.Lock(s);
+  absl::Cleanup unlock = [&] { s.mu.Unlock(); };
+  if (!lock_status.ok()) return lock_status;
+  absl::StatusOr<int> n = I.Head(s, layer, kv_head).Recall({positions.data(), positions.size()});
+  if (n.ok()) I.recalled.fetch_add(*n, std::memory_order_relaxed);
+  return n;
+}
+
+absl::StatusOr<std::vector<int64_t>> Runtime::RankVague(SequenceId id, int layer, int kv_head, const void* q,
+                                                        int count) const {
+  Impl& I = *impl_;
+  if (absl::Status st = I.CheckHead(layer, kv_head); !st.ok()) return st;
+  if (q == nullptr) return absl::InvalidArgumentError("rank: q must not be null");
+  const ModelShape& sh = I.options.shape;
+  if (absl::Status st = I.CheckFinite(q, static_cast<int64_t>(sh.q_heads) * sh.head_dim, "q"); !st.ok()) return st;
+  absl::StatusOr<std::shared_ptr<Sequence>> seq = I.Find(id);
+  if (!seq.ok()) return seq.status();
+  Sequence& s = **seq;
+  absl::Status lock_status = I.Lock(s);
+  absl::Cleanup unlock = [&] { s.mu.Unlock(); };
+  if (!lock_status.ok()) return lock_status;
+  const char* q_group = static_cast<const char*>(q) + static_cast<int64_t>(kv_head) * sh.group() * I.q_row_bytes();
+  return I.Head(s, layer, kv_head).Rank(q_group, count);
+}
+
+absl::StatusOr<int64_t> Runtime::RecallTop(SequenceId id, int layer, const void* q, int per_head) {
+  Impl& I = *impl_;
+  const ModelShape& sh = I.options.shape;
+  int64_t total = 0;
+  for (int h = 0; h < sh.kv_heads; ++h) {
+    absl::StatusOr<std::vector<int64_t>> top = RankVague(id, layer, h, q, per_head);
+    if (!top.ok()) return top.status();
+    if (top->empty()) continue;
+    absl::StatusOr<int> n = Recall(id, layer, h, *top);
+    if (!n.ok()) return n.status();
+    total += *n;
+  }
+  return total;
+}
+
+absl::StatusOr<Region> Runtime::TokenRegion(SequenceId id, int layer, int kv_head, int64_t position) const {
+  Impl& I = *impl_;
+  if (absl::Status st = I.CheckHead(layer, kv_head); !st.ok()) return st;
+  absl::StatusOr<std::shared_ptr<Sequence>> seq = I.Find(id);
+  if (!seq.ok()) return seq.status();
+  Sequence& s = **seq;
+  absl::Status lock_status = I.Lock(s);
+  absl::Cleanup unlock = [&] { s.mu.Unlock(); };
+  if (!lock_status.ok()) return lock_status;
+  HeadCache& head = I.Head(s, layer, kv_head);
+  if (position < 0 || position >= head.length()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("position %d is outside [0, %d) of layer %d", position, head.length(), layer));
+  }
+  return head.region(position);
+}
+
+absl::Status Runtime::ReadToken(SequenceId id, int layer, int kv_head, int64_t position, void* k, void* v) const {
+  Impl& I = *impl_;
+  if (absl::Status st = I.CheckHead(layer, kv_head); !st.ok()) return st;
+  if (k == nullptr || v == nullptr) return absl::InvalidArgumentError("read: k and v must not be null");
+  absl::StatusOr<std::shared_ptr<Sequence>> seq = I.Find(id);
+  if (!seq.ok()) return seq.status();
+  Sequence& s = **seq;
+  absl::Status lock_status = I.Lock(s);
+  absl::Cleanup unlock = [&] { s.mu.Unlock(); };
+  if (!lock_status.ok()) return lock_status;
+  HeadCache& head = I.Head(s, layer, kv_head);
+  if (position < 0 || position >= head.length()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("position %d is outside [0, %d) of layer %d", position, head.length(), layer));
+  }
+  return head.ReadToken(position, k, v);
+}
+
+absl::Status Runtime::EstimateToken(SequenceId id, int layer, int kv_head, int64_t position, float* k,
+                                    float* v) const {
+  Impl& I = *impl_;
+  if (absl::Status st = I.CheckHead(layer, kv_head); !st.ok()) return st;
+  if (k == nullptr || v == nullptr) return absl::InvalidArgumentError("estimate: k and v must not be null");
+  absl::StatusOr<std::shared_ptr<Sequence>> seq = I.Find(id);
+  if (!seq.ok()) return seq.status();
+  Sequence& s = **seq;
+  absl::Status lock_status = I.Lock(s);
+  absl::Cleanup unlock = [&] { s.mu.Unlock(); };
+  if (!lock_status.ok()) return lock_status;
+  HeadCache& head = I.Head(s, layer, kv_head);
+  if (position < 0 || position >= head.length()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("position %d is outside [0, %d) of layer %d", position, head.length(), layer));
+  }
+  return head.EstimateToken(position, k, v);
+}
+
+absl::StatusOr<RegionCounts> Runtime::Regions(SequenceId id) const {
+  absl::StatusOr<std::shared_ptr<Sequence>> seq = impl_->Find(id);
+  if (!seq.ok()) return seq.status();
+  Sequence& s = **seq;
+  absl::Status lock_status = impl_->Lock(s);
+  absl::Cleanup unlock = [&] { s.mu.Unlock(); };
+  if (!lock_status.ok()) return lock_status;
+  RegionCounts c;
+  for (const auto& head : s.heads) c += head->regions();
+  return c;
+}
+
+RuntimeStats Runtime::Stats() const {
+  const Impl& I = *impl_;
+  std::vector<std::shared_ptr<Sequence>> seqs;
+  {
+    absl::ReaderMutexLock lock(&I.map_mu);
+    for (const auto& [id, seq] : I.sequences) seqs.push_back(seq);
+  }
+  RuntimeStats st;
+  for (const auto& seq : seqs) {
+    absl::MutexLock lock(&seq->mu);
+    if (seq->removed) continue;
+    ++st.sequences;
+    for (const auto& head : seq->heads) st.regions += head->regions();
+  }
+  const ModelShape& sh = I.options.shape;
+  st.device_budget_bytes = I.plan.budget_bytes;
+  st.device_reserved = I.plan.per_head * (static_cast<int64_t>(sh.layers) * sh.kv_heads * st.sequences);
+  st.device_reserved.metadata += I.plan.shared_bytes;
+  st.peak_device_bytes = I.arena->peak_bytes_in_use();
+  st.host_tier = I.tier->Stats();
+  st.attends = I.attends.load(std::memory_order_relaxed);
+  st.served.exact = I.exact.load(std::memory_order_relaxed);
+  st.served.from_sketch = I.from_sketch.load(std::memory_order_relaxed);
+  st.served.dropped = I.dropped.load(std::memory_order_relaxed);
+  st.appended_tokens = I.appended.load(std::memory_order_relaxed);
+  st.recalled_tokens = I.recalled.load(std::memory_order_relaxed);
+  return st;
+}
+
+absl::Status Runtime::CheckInvariants() const {
+  const Impl& I = *impl_;
+  std::vector<std::shared_ptr<Sequence>> seqs;
+  {
+    absl::ReaderMutexLock lock(&I.map_mu);
+    for (const auto& [id, seq] : I.sequences) seqs.push_back(seq);
+  }
+  int64_t blocks = 0;
+  for (const auto& seq : seqs) {
+    absl::MutexLock lock(&seq->mu);
+    if (seq->removed) continue;
+    for (const auto& head : seq->heads) {
+      if (absl::Status st = head->CheckInvariants(); !st.ok()) {
+        return absl::InternalError(absl::StrFormat("sequence %d: %s", seq->id, st.message()));
+      }
+    }
+    for (int l = 0; l < I.options.shape.layers; ++l) {
+      const int64_t len = I.Head(*seq, l, 0).length();
+      for (int h = 1; h < I.options.shape.kv_heads; ++h) {
+        if (I.Head(*seq, l, h).length() != len) {
+          return absl::InternalError(absl::StrFormat("sequence %d layer %d: KV heads differ in length", seq->id, l));
+        }
+      }
+    }
+    for (const auto& head : seq->heads) blocks += head->blocks();
+  }
+  const TierStats tier = I.tier->Stats();
+  if (tier.blocks_in_use != blocks) {
+    return absl::InternalError(
+        absl::StrFormat("host tier has %d blocks in use, sequences hold %d", tier.blocks_in_use, blocks));
+  }
+  const int64_t device = I.arena->bytes_in_use();
+  if (device > I.plan.budget_bytes) {
+    return absl::InternalError(
+        absl::StrFormat("device bytes in use %d exceed the budget %d", device, I.plan.budget_bytes));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvtier
