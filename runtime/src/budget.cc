@@ -12,8 +12,8 @@
 
 namespace kvtier {
 
-HeadLayout ComputeHeadLayout(const ModelShape& shape, int64_t max_context, int slots, SketchKind kind,
-                             int rows, int width) {
+HeadLayout ComputeHeadLayout(const ModelShape& shape, int64_t max_context, bool compressed, int slots,
+                             SketchKind kind, int rows, int width) {
   HeadLayout l;
   const int64_t slot_kv = static_cast<int64_t>(slots) * shape.head_dim * DTypeSize(shape.dtype);
   int64_t off = 0;
@@ -21,8 +21,10 @@ HeadLayout ComputeHeadLayout(const ModelShape& shape, int64_t max_context, int s
   off += AlignUp(slot_kv, kDeviceAlign);
   l.v_slots = off;
   off += AlignUp(slot_kv, kDeviceAlign);
-  l.slot_probs = off;
-  off += AlignUp(static_cast<int64_t>(slots) * 4, kDeviceAlign);
+  if (compressed) {
+    l.slot_probs = off;
+    off += AlignUp(static_cast<int64_t>(slots) * 4, kDeviceAlign);
+  }
   if (kind == SketchKind::kCountSketch && rows >= 2) {
     l.vague_ids = off;
     off += AlignUp(max_context * 4, kDeviceAlign);
@@ -54,7 +56,7 @@ int64_t PlanesBytes(const ModelShape& shape, SketchKind kind, int rows, int widt
 void FillBytes(const Options& o, BudgetPlan& p) {
   const ModelShape& s = o.shape;
   const HeadLayout l =
-      ComputeHeadLayout(s, o.max_context, p.slots(), p.sketch_kind, p.sketch_rows, p.sketch_width);
+      ComputeHeadLayout(s, o.max_context, p.compressed, p.slots(), p.sketch_kind, p.sketch_rows, p.sketch_width);
   const int64_t tok = s.HeadTokenBytes();
   p.per_head = DeviceBytes{};
   p.per_head.sink = p.sink_tokens * tok;
@@ -79,20 +81,23 @@ absl::StatusOr<BudgetPlan> PlanBudget(const Options& o) {
   if (absl::Status st = o.Validate(); !st.ok()) return st;
   const ModelShape& s = o.shape;
   BudgetPlan p;
-  p.full_cache_bytes = o.max_context * s.TokenBytes() * o.max_sequences;
+  p.sink_tokens = static_cast<int>(std::min<int64_t>(o.sink_tokens, o.max_context));
+  const int64_t heads = static_cast<int64_t>(o.max_sequences) * s.layers * s.kv_heads;
+
+  // The uncompressed plan: one recent window over the whole context, no
+  // sketch, no scores. Its size is the "full cache" the fraction refers to.
+  BudgetPlan full = p;
+  full.compressed = false;
+  full.recent_tokens = static_cast<int>(o.max_context - p.sink_tokens);
+  FillBytes(o, full);
+  p.full_cache_bytes = full.total_bytes;
   p.budget_bytes = o.device_budget_bytes > 0
                        ? o.device_budget_bytes
                        : static_cast<int64_t>(std::floor(o.device_budget_fraction * p.full_cache_bytes));
-  const int64_t heads = static_cast<int64_t>(o.max_sequences) * s.layers * s.kv_heads;
-  p.sink_tokens = static_cast<int>(std::min<int64_t>(o.sink_tokens, o.max_context));
-
-  // Everything fits: one recent window over the whole context, no sketch.
-  {
-    BudgetPlan full = p;
-    full.compressed = false;
-    full.recent_tokens = static_cast<int>(o.max_context - p.sink_tokens);
-    FillBytes(o, full);
-    if (full.total_bytes <= p.budget_bytes) return full;
+  if (full.total_bytes <= p.budget_bytes) {
+    full.full_cache_bytes = p.full_cache_bytes;
+    full.budget_bytes = p.budget_bytes;
+    return full;
   }
 
   p.sketch_kind = o.sketch_kind;

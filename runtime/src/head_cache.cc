@@ -34,7 +34,7 @@ HeadCache::HeadCache(const HeadContext& ctx, char* chunk, int layer, int kv_head
       staging_(ctx.plan->staging_tokens),
       k_slots_(chunk + ctx.layout.k_slots),
       v_slots_(chunk + ctx.layout.v_slots),
-      slot_probs_(reinterpret_cast<float*>(chunk + ctx.layout.slot_probs)),
+      slot_probs_(ctx.layout.slot_probs >= 0 ? reinterpret_cast<float*>(chunk + ctx.layout.slot_probs) : nullptr),
       vague_ids_dev_(ctx.layout.vague_ids >= 0 ? reinterpret_cast<uint32_t*>(chunk + ctx.layout.vague_ids)
                                                : nullptr) {
   const BudgetPlan& plan = *ctx.plan;
@@ -59,8 +59,10 @@ HeadCache::HeadCache(const HeadContext& ctx, char* chunk, int layer, int kv_head
 }
 
 absl::Status HeadCache::Init() {
-  if (absl::Status st = ctx_.backend->ZeroDevice(slot_probs_, static_cast<int64_t>(slot_pos_.size()) * 4); !st.ok())
-    return st;
+  if (slot_probs_ != nullptr) {
+    if (absl::Status st = ctx_.backend->ZeroDevice(slot_probs_, static_cast<int64_t>(slot_pos_.size()) * 4); !st.ok())
+      return st;
+  }
   if (HasSketch()) {
     return ctx_.backend->ZeroDevice(
         sketch_.key_sums, kernels::SketchStateFloats(sketch_.rows, sketch_.width, sketch_.head_dim) * 4);
@@ -373,6 +375,7 @@ void HeadCache::FillAttend(kernels::AttendParams& p) const {
 }
 
 absl::Status HeadCache::AfterAttend() {
+  if (slot_probs_ == nullptr) return absl::OkStatus();  // nothing is ever evicted
   if (absl::Status st = ctx_.backend->Copy(probs_host_.data(), slot_probs_, probs_host_.size() * sizeof(float),
                                            CopyKind::kDeviceToHost);
       !st.ok())

@@ -17,14 +17,14 @@ inline int64_t AlignUp(int64_t n, int64_t a) { return (n + a - 1) / a * a; }
 struct HeadLayout {
   int64_t k_slots = 0;     // [slots][head_dim], model dtype
   int64_t v_slots = 0;     // [slots][head_dim], model dtype
-  int64_t slot_probs = 0;  // [slots] fp32
+  int64_t slot_probs = -1; // [slots] fp32; compressed plans only (nothing is evicted otherwise)
   int64_t vague_ids = -1;  // [max_context] uint32; Count-Sketch with rows >= 2 only
   int64_t sketch = -1;     // kernels::SketchState arrays (fp32); -1 without a sketch
   int64_t bytes = 0;       // size of the chunk (a multiple of 64)
 };
 
-HeadLayout ComputeHeadLayout(const ModelShape& shape, int64_t max_context, int slots, SketchKind kind,
-                             int rows, int width);
+HeadLayout ComputeHeadLayout(const ModelShape& shape, int64_t max_context, bool compressed, int slots,
+                             SketchKind kind, int rows, int width);
 
 }  // namespace kvtier
 

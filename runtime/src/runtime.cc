@@ -174,8 +174,8 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const Options& options)
   impl->backend = std::move(*backend);
 
   const ModelShape& sh = options.shape;
-  const HeadLayout layout = ComputeHeadLayout(sh, options.max_context, plan->slots(), plan->sketch_kind,
-                                              plan->sketch_rows, plan->sketch_width);
+  const HeadLayout layout = ComputeHeadLayout(sh, options.max_context, plan->compressed, plan->slots(),
+                                              plan->sketch_kind, plan->sketch_rows, plan->sketch_width);
   absl::StatusOr<std::unique_ptr<DeviceArena>> arena = DeviceArena::Create(
       *impl->backend, {.prefix_bytes = plan->shared_bytes,
                        .chunk_bytes = plan->per_sequence_bytes,

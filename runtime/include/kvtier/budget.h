@@ -38,7 +38,10 @@ struct BudgetPlan {
   int64_t shared_bytes = 0;       // runtime-wide (SimHash planes), counted as metadata
   int64_t total_bytes = 0;        // max_sequences * per_sequence_bytes + shared_bytes
   int64_t budget_bytes = 0;       // the budget this plan fits in
-  int64_t full_cache_bytes = 0;   // the uncompressed cache of max_sequences at max_context
+  // Device bytes of the uncompressed plan (every token of max_sequences at
+  // max_context on the device: K/V plus alignment); device_budget_fraction
+  // is a fraction of this.
+  int64_t full_cache_bytes = 0;
 
   // One line: the sizes chosen and why.
   std::string Explain() const;

@@ -64,8 +64,8 @@ struct Options {
   // Total device bytes. 0 (default): use device_budget_fraction.
   int64_t device_budget_bytes = 0;
   // Used when device_budget_bytes == 0: the fraction of the full cache of
-  // max_sequences sequences at max_context tokens. Default 0.10, in (0, 1];
-  // 1.0 holds every token exactly (no compression).
+  // max_sequences sequences at max_context tokens (BudgetPlan::full_cache_bytes).
+  // Default 0.10, in (0, 1]; 1.0 holds every token exactly (no compression).
   double device_budget_fraction = 0.10;
   // Longest sequence, in tokens. Default 8192, in [1, 2^30].
   int64_t max_context = 8192;
