@@ -136,7 +136,9 @@ TEST(Budget, RandomOptionsNeverExceedTheBudget) {
     ASSERT_LE(p->total_bytes, p->budget_bytes);
     if (p->compressed) {
       ASSERT_GE(p->recent_tokens, kMinRecentTokens);
-      if (o.sketch_kind != SketchKind::kNone) ASSERT_GE(p->sketch_width, kMinSketchBuckets);
+      if (o.sketch_kind != SketchKind::kNone) {
+        ASSERT_GE(p->sketch_width, kMinSketchBuckets);
+      }
     }
     const HeadLayout l = ComputeHeadLayout(o.shape, o.max_context, p->compressed, p->slots(), p->sketch_kind,
                                            p->sketch_rows, p->sketch_width);

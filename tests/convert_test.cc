@@ -63,7 +63,9 @@ TEST(Convert, Bf16RoundsToNearestEven) {
   for (uint32_t b = 0; b < 65536; ++b) {
     const float f = Bf16ToFloat(static_cast<uint16_t>(b));
     EXPECT_EQ(FloatBits(f), b << 16);
-    if (!std::isnan(f)) EXPECT_EQ(FloatToBf16(f), b);
+    if (!std::isnan(f)) {
+      EXPECT_EQ(FloatToBf16(f), b);
+    }
   }
   // Ties: 1 + 2^-8 lies halfway between 1 and 1 + 2^-7; even is 1.
   EXPECT_EQ(FloatToBf16(1.0f + 0x1p-8f), FloatToBf16(1.0f));

@@ -37,12 +37,14 @@ TEST_P(ExactTest, FullBudgetAttendEqualsExactAttention) {
   for (int layer = 0; layer < 2; ++layer) {
     // Prefill in two chunks, then decode steps of one token.
     for (int n : {128, 72}) {
-      KVTIER_ASSERT_OK(shadow.Append(**rt, 3, layer, RandomNormal(n * H * d, ++seed, 1.0f, 0.3f),
-                                     RandomNormal(n * H * d, ++seed), n));
+      seed += 2;
+      KVTIER_ASSERT_OK(shadow.Append(**rt, 3, layer, RandomNormal(n * H * d, seed, 1.0f, 0.3f),
+                                     RandomNormal(n * H * d, seed + 1), n));
     }
     for (int step = 0; step < 6; ++step) {
-      KVTIER_ASSERT_OK(shadow.Append(**rt, 3, layer, RandomNormal(H * d, ++seed, 1.0f, 0.3f),
-                                     RandomNormal(H * d, ++seed), 1));
+      seed += 2;
+      KVTIER_ASSERT_OK(shadow.Append(**rt, 3, layer, RandomNormal(H * d, seed, 1.0f, 0.3f),
+                                     RandomNormal(H * d, seed + 1), 1));
       auto [q, qr] = RoundedQuery(c.dtype, RandomNormal(c.q_heads * d, ++seed, 0.5f));
       const std::vector<double> ref = shadow.Attention(layer, qr);
 

@@ -70,8 +70,9 @@ TEST_P(RegionsProperty, InvariantsHoldUnderRandomOperations) {
       for (float& s : scores) s = static_cast<float>(rng() % 100) / 50.0f;
       AppendOptions ao;
       ao.scores = (rng() % 2) ? scores.data() : nullptr;
-      KVTIER_ASSERT_OK(shadow.Append(rt, 9, layer, RandomNormal(n * H * d, ++data_seed, 1.0f, 0.2f),
-                                     RandomNormal(n * H * d, ++data_seed), n, ao));
+      data_seed += 2;
+      KVTIER_ASSERT_OK(shadow.Append(rt, 9, layer, RandomNormal(n * H * d, data_seed, 1.0f, 0.2f),
+                                     RandomNormal(n * H * d, data_seed + 1), n, ao));
     } else if (kind < 8) {
       auto [q, qr] = RoundedQuery(DType::kF16, RandomNormal(4 * d, ++data_seed));
       auto served = rt.Attend(9, layer, q.data(), out.data());

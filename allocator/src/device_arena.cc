@@ -1,7 +1,6 @@
 #include "kvtier/allocator/device_arena.h"
 
 #include <algorithm>
-#include <cassert>
 
 #include "absl/strings/str_format.h"
 
@@ -16,10 +15,20 @@ absl::StatusOr<std::unique_ptr<DeviceArena>> DeviceArena::Create(Backend& backen
                                                       " got prefix %d, chunk %d, count %d",
                                                       options.prefix_bytes, options.chunk_bytes, options.chunk_count));
   }
+  // Sizes up to 2^62 round without overflow; the total must fit an int64.
+  constexpr int64_t kMaxBytes = int64_t{1} << 62;
+  int64_t chunks_total = 0, total = 0;
+  if (options.prefix_bytes > kMaxBytes || options.chunk_bytes > kMaxBytes ||
+      __builtin_mul_overflow(Round64(options.chunk_bytes), int64_t{options.chunk_count}, &chunks_total) ||
+      __builtin_add_overflow(Round64(options.prefix_bytes), chunks_total, &total)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "device arena of prefix %d + %d chunks of %d bytes does not fit in 2^63 bytes", options.prefix_bytes,
+        options.chunk_count, options.chunk_bytes));
+  }
   Options o = options;
   o.prefix_bytes = Round64(o.prefix_bytes);
   o.chunk_bytes = Round64(o.chunk_bytes);
-  absl::StatusOr<void*> mem = backend.AllocateDevice(o.prefix_bytes + o.chunk_bytes * o.chunk_count);
+  absl::StatusOr<void*> mem = backend.AllocateDevice(total);
   if (!mem.ok()) return mem.status();
   return std::unique_ptr<DeviceArena>(new DeviceArena(backend, static_cast<char*>(*mem), o));
 }
@@ -32,36 +41,47 @@ DeviceArena::DeviceArena(Backend& backend, char* base, const Options& o)
       chunk_count_(o.chunk_count) {
   free_.reserve(chunk_count_);
   for (int32_t i = chunk_count_ - 1; i >= 0; --i) free_.push_back(i);
+  in_use_.assign(chunk_count_, 0);
 }
 
 DeviceArena::~DeviceArena() { backend_.FreeDevice(base_); }
 
 absl::StatusOr<void*> DeviceArena::AllocateChunk() {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard lock(mu_);
   if (free_.empty()) {
     return absl::ResourceExhaustedError(
         absl::StrFormat("device arena: all %d chunks of %d bytes are in use", chunk_count_, chunk_bytes_));
   }
   const int32_t i = free_.back();
   free_.pop_back();
+  in_use_[i] = 1;
   peak_in_use_ = std::max<int32_t>(peak_in_use_, chunk_count_ - static_cast<int32_t>(free_.size()));
   return base_ + prefix_bytes_ + chunk_bytes_ * i;
 }
 
-void DeviceArena::FreeChunk(void* chunk) {
-  const int64_t off = static_cast<char*>(chunk) - base_ - prefix_bytes_;
-  assert(off >= 0 && off % chunk_bytes_ == 0 && off / chunk_bytes_ < chunk_count_);
-  absl::MutexLock lock(&mu_);
-  free_.push_back(static_cast<int32_t>(off / chunk_bytes_));
+absl::Status DeviceArena::FreeChunk(void* chunk) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(base_) + prefix_bytes_;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(chunk);
+  const bool inside = p >= first && (p - first) % chunk_bytes_ == 0 &&
+                      (p - first) / chunk_bytes_ < static_cast<uintptr_t>(chunk_count_);
+  std::lock_guard lock(mu_);
+  const int32_t i = inside ? static_cast<int32_t>((p - first) / chunk_bytes_) : -1;
+  if (i < 0 || !in_use_[i]) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("device arena: %p is not a chunk in use", chunk));
+  }
+  in_use_[i] = 0;
+  free_.push_back(i);
+  return absl::OkStatus();
 }
 
 int64_t DeviceArena::bytes_in_use() const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard lock(mu_);
   return prefix_bytes_ + chunk_bytes_ * (chunk_count_ - static_cast<int64_t>(free_.size()));
 }
 
 int64_t DeviceArena::peak_bytes_in_use() const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard lock(mu_);
   return prefix_bytes_ + chunk_bytes_ * peak_in_use_;
 }
 

@@ -15,12 +15,18 @@ absl::StatusOr<std::unique_ptr<HostTier>> HostTier::Create(Backend& backend, con
                         "block; got block_bytes %d, blocks_per_chunk %d, capacity_bytes %d",
                         o.block_bytes, o.blocks_per_chunk, o.capacity_bytes));
   }
+  int64_t chunk_bytes = 0;
+  if (__builtin_mul_overflow(o.block_bytes, int64_t{o.blocks_per_chunk}, &chunk_bytes)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "host tier: chunks of %d blocks of %d bytes do not fit in 2^63 bytes", o.blocks_per_chunk, o.block_bytes));
+  }
   return std::unique_ptr<HostTier>(new HostTier(backend, o));
 }
 
 HostTier::HostTier(Backend& backend, const Options& o)
     : backend_(backend),
       block_bytes_(o.block_bytes),
+      capacity_bytes_(o.capacity_bytes),
       capacity_blocks_(o.capacity_bytes / o.block_bytes),
       blocks_per_chunk_(o.blocks_per_chunk) {}
 
@@ -29,11 +35,11 @@ HostTier::~HostTier() {
 }
 
 absl::StatusOr<BlockId> HostTier::Allocate() {
-  absl::MutexLock lock(&mu_);
+  std::unique_lock lock(mu_);
   if (capacity_blocks_ > 0 && blocks_in_use_ >= capacity_blocks_) {
     return absl::ResourceExhaustedError(absl::StrFormat(
-        "host tier is full: %d blocks of %d bytes in use, cap %d bytes", blocks_in_use_, block_bytes_,
-        capacity_blocks_ * block_bytes_));
+        "host tier is full: %d blocks of %d bytes in use, the cap of %d bytes holds %d blocks", blocks_in_use_,
+        block_bytes_, capacity_bytes_, capacity_blocks_));
   }
   if (free_.empty()) {
     // Grow by one chunk, no further than the cap.
@@ -59,11 +65,11 @@ absl::StatusOr<BlockId> HostTier::Allocate() {
 }
 
 absl::StatusOr<char*> HostTier::Locate(BlockId block, int64_t offset, int64_t bytes) const {
-  if (offset < 0 || bytes < 0 || offset + bytes > block_bytes_) {
-    return absl::InvalidArgumentError(absl::StrFormat("host tier: range [%d, %d) is outside a block of %d bytes",
-                                                      offset, offset + bytes, block_bytes_));
+  if (offset < 0 || bytes < 0 || offset > block_bytes_ || bytes > block_bytes_ - offset) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "host tier: %d bytes at offset %d are outside a block of %d bytes", bytes, offset, block_bytes_));
   }
-  absl::ReaderMutexLock lock(&mu_);
+  std::shared_lock lock(mu_);
   if (block >= in_use_.size() || !in_use_[block]) {
     return absl::FailedPreconditionError(absl::StrFormat("host tier: block %d is not allocated", block));
   }
@@ -88,7 +94,7 @@ absl::Status HostTier::Read(BlockId block, int64_t offset, void* dst, int64_t by
 }
 
 absl::Status HostTier::Free(BlockId block) {
-  absl::MutexLock lock(&mu_);
+  std::unique_lock lock(mu_);
   if (block >= in_use_.size() || !in_use_[block]) {
     return absl::FailedPreconditionError(absl::StrFormat("host tier: free of block %d, which is not allocated", block));
   }
@@ -99,7 +105,7 @@ absl::Status HostTier::Free(BlockId block) {
 }
 
 TierStats HostTier::Stats() const {
-  absl::MutexLock lock(&mu_);
+  std::unique_lock lock(mu_);
   TierStats s;
   s.block_bytes = block_bytes_;
   s.blocks_in_use = blocks_in_use_;

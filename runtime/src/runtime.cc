@@ -5,13 +5,13 @@
 #include <bit>
 #include <cmath>
 #include <cstring>
+#include <mutex>
+#include <shared_mutex>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/cleanup/cleanup.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "absl/synchronization/mutex.h"
 #include "head_cache.h"
 #include "kvtier/allocator/device_arena.h"
 #include "kvtier/backend.h"
@@ -25,8 +25,8 @@ namespace {
 struct Sequence {
   explicit Sequence(SequenceId id) : id(id) {}
   const SequenceId id;
-  absl::Mutex mu;
-  bool removed ABSL_GUARDED_BY(mu) = false;
+  std::mutex mu;         // serialises calls on the sequence
+  bool removed = false;  // guarded by mu
   void* chunk = nullptr;
   std::vector<std::unique_ptr<HeadCache>> heads;  // [layer][kv_head]
 };
@@ -62,8 +62,8 @@ class Runtime::Impl {
   HeadContext ctx;
   float scale = 1.0f;
 
-  mutable absl::Mutex map_mu;
-  absl::flat_hash_map<SequenceId, std::shared_ptr<Sequence>> sequences ABSL_GUARDED_BY(map_mu);
+  mutable std::shared_mutex map_mu;
+  absl::flat_hash_map<SequenceId, std::shared_ptr<Sequence>> sequences;  // guarded by map_mu
 
   std::atomic<int64_t> attends{0};
   std::atomic<int64_t> exact{0}, from_sketch{0}, dropped{0};
@@ -72,11 +72,31 @@ class Runtime::Impl {
   int heads_per_layer() const { return options.shape.kv_heads; }
   int64_t q_row_bytes() const { return options.shape.head_dim * static_cast<int64_t>(DTypeSize(options.shape.dtype)); }
 
-  absl::StatusOr<std::shared_ptr<Sequence>> Find(SequenceId id) const {
-    absl::ReaderMutexLock lock(&map_mu);
-    auto it = sequences.find(id);
-    if (it == sequences.end()) return absl::NotFoundError(absl::StrFormat("sequence %d not found", id));
-    return it->second;
+  // A live sequence, locked for the caller.
+  struct Locked {
+    std::shared_ptr<Sequence> seq;
+    std::unique_lock<std::mutex> lock;
+  };
+
+  absl::StatusOr<Locked> Acquire(SequenceId id) const {
+    std::shared_ptr<Sequence> seq;
+    {
+      std::shared_lock lock(map_mu);
+      auto it = sequences.find(id);
+      if (it != sequences.end()) seq = it->second;
+    }
+    if (seq == nullptr) return absl::NotFoundError(absl::StrFormat("sequence %d not found", id));
+    std::unique_lock lock(seq->mu);
+    // Removed between the lookup and the lock.
+    if (seq->removed) return absl::NotFoundError(absl::StrFormat("sequence %d not found", id));
+    return Locked{std::move(seq), std::move(lock)};
+  }
+
+  std::vector<std::shared_ptr<Sequence>> All() const {
+    std::shared_lock lock(map_mu);
+    std::vector<std::shared_ptr<Sequence>> out;
+    for (const auto& [id, seq] : sequences) out.push_back(seq);
+    return out;
   }
 
   absl::Status CheckLayer(int layer) const {
@@ -107,13 +127,6 @@ class Runtime::Impl {
 
   HeadCache& Head(Sequence& s, int layer, int kv_head) const {
     return *s.heads[static_cast<size_t>(layer) * options.shape.kv_heads + kv_head];
-  }
-
-  // Locks a live sequence; NotFound if it is unknown or being removed.
-  absl::Status Lock(Sequence& s) const ABSL_EXCLUSIVE_LOCK_FUNCTION(s.mu) {
-    s.mu.Lock();
-    if (s.removed) return absl::NotFoundError(absl::StrFormat("sequence %d not found", s.id));
-    return absl::OkStatus();
   }
 
   // Fills the per-call fields of one head's attention.
@@ -157,7 +170,7 @@ Runtime::Runtime(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 Runtime::~Runtime() {
   // Return every sequence's host blocks before the tier goes.
-  absl::MutexLock lock(&impl_->map_mu);
+  std::unique_lock lock(impl_->map_mu);
   for (auto& [id, seq] : impl_->sequences) {
     for (auto& head : seq->heads) head->Release().IgnoreError();
   }
@@ -219,7 +232,7 @@ const BudgetPlan& Runtime::plan() const { return impl_->plan; }
 std::string_view Runtime::backend_name() const { return impl_->backend->name(); }
 
 absl::Status Runtime::AddSequence(SequenceId id) {
-  absl::MutexLock lock(&impl_->map_mu);
+  std::unique_lock lock(impl_->map_mu);
   if (impl_->sequences.contains(id)) {
     return absl::AlreadyExistsError(absl::StrFormat("sequence %d already exists", id));
   }
@@ -238,7 +251,7 @@ absl::Status Runtime::AddSequence(SequenceId id) {
       char* base = static_cast<char*>(*chunk) + (static_cast<int64_t>(l) * sh.kv_heads + h) * head_bytes;
       seq->heads.push_back(std::make_unique<HeadCache>(impl_->ctx, base, l, h));
       if (absl::Status st = seq->heads.back()->Init(); !st.ok()) {
-        impl_->arena->FreeChunk(*chunk);
+        impl_->arena->FreeChunk(*chunk).IgnoreError();  // ours, just allocated
         return st;
       }
     }
@@ -250,30 +263,27 @@ absl::Status Runtime::AddSequence(SequenceId id) {
 absl::Status Runtime::RemoveSequence(SequenceId id) {
   std::shared_ptr<Sequence> seq;
   {
-    absl::MutexLock lock(&impl_->map_mu);
+    std::unique_lock lock(impl_->map_mu);
     auto it = impl_->sequences.find(id);
     if (it == impl_->sequences.end()) return absl::NotFoundError(absl::StrFormat("sequence %d not found", id));
     seq = std::move(it->second);
     impl_->sequences.erase(it);
   }
   // Wait for calls in flight on the sequence, then release it.
-  absl::MutexLock lock(&seq->mu);
+  std::unique_lock lock(seq->mu);
   seq->removed = true;
   absl::Status result;
   for (auto& head : seq->heads) result.Update(head->Release());
   seq->heads.clear();
-  impl_->arena->FreeChunk(seq->chunk);
+  result.Update(impl_->arena->FreeChunk(seq->chunk));
   return result;
 }
 
 absl::StatusOr<int64_t> Runtime::Length(SequenceId id, int layer) const {
   if (absl::Status st = impl_->CheckLayer(layer); !st.ok()) return st;
-  absl::StatusOr<std::shared_ptr<Sequence>> seq = impl_->Find(id);
-  if (!seq.ok()) return seq.status();
-  Sequence& s = **seq;
-  absl::Status st = impl_->Lock(s);
-  absl::Cleanup unlock = [&] { s.mu.Unlock(); };
-  if (!st.ok()) return st;
+  absl::StatusOr<Impl::Locked> locked = impl_->Acquire(id);
+  if (!locked.ok()) return locked.status();
+  Sequence& s = *locked->seq;
   return impl_->Head(s, layer, 0).length();
 }
 
@@ -284,6 +294,11 @@ absl::Status Runtime::Append(SequenceId id, int layer, const void* k, const void
   if (absl::Status st = I.CheckLayer(layer); !st.ok()) return st;
   if (n < 1) return absl::InvalidArgumentError(absl::StrFormat("append of %d tokens: n must be >= 1", n));
   if (k == nullptr || v == nullptr) return absl::InvalidArgumentError("append: k and v must not be null");
+  if (n > I.options.max_context) {  // before reading n rows of the caller's buffers
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "appending %d tokens to layer %d of sequence %d would exceed max_context %d", n, layer, id,
+        I.options.max_context));
+  }
   const int64_t elems = n * sh.kv_heads * sh.head_dim;
   if (absl::Status st = I.CheckFinite(k, elems, "k"); !st.ok()) return st;
   if (absl::Status st = I.CheckFinite(v, elems, "v"); !st.ok()) return st;
@@ -295,12 +310,9 @@ absl::Status Runtime::Append(SequenceId id, int layer, const void* k, const void
       }
     }
   }
-  absl::StatusOr<std::shared_ptr<Sequence>> seq = I.Find(id);
-  if (!seq.ok()) return seq.status();
-  Sequence& s = **seq;
-  absl::Status lock_status = I.Lock(s);
-  absl::Cleanup unlock = [&] { s.mu.Unlock(); };
-  if (!lock_status.ok()) return lock_status;
+  absl::StatusOr<Impl::Locked> locked = I.Acquire(id);
+  if (!locked.ok()) return locked.status();
+  Sequence& s = *locked->seq;
 
   const int64_t len = I.Head(s, layer, 0).length();
   if (len + n > I.options.max_context) {
@@ -367,16 +379,12 @@ absl::StatusOr<AttendCounts> Runtime::AttendBatch(int layer, absl::Span<const At
   if (out_dtype != DType::kF32 && out_dtype != DType::kF16 && out_dtype != DType::kBF16) {
     return absl::InvalidArgumentError(absl::StrFormat("attend: out_dtype %d is not f32, f16 or bf16", int(out_dtype)));
   }
-  std::vector<std::shared_ptr<Sequence>> seqs;
   for (const AttendItem& it : items) {
     if (it.q == nullptr || it.out == nullptr) {
       return absl::InvalidArgumentError(absl::StrFormat("attend: q and out of sequence %d must not be null", it.sequence));
     }
     if (absl::Status st = I.CheckFinite(it.q, static_cast<int64_t>(sh.q_heads) * sh.head_dim, "q"); !st.ok())
       return st;
-    absl::StatusOr<std::shared_ptr<Sequence>> seq = I.Find(it.sequence);
-    if (!seq.ok()) return seq.status();
-    seqs.push_back(*seq);
   }
   // Lock in id order so concurrent batches cannot deadlock.
   std::vector<size_t> order(items.size());
@@ -388,27 +396,25 @@ absl::StatusOr<AttendCounts> Runtime::AttendBatch(int layer, absl::Span<const At
           absl::StrFormat("attend batch names sequence %d twice", items[order[i]].sequence));
     }
   }
-  size_t locked = 0;
-  absl::Cleanup unlock = [&] {
-    for (size_t i = 0; i < locked; ++i) seqs[order[i]]->mu.Unlock();
-  };
-  for (size_t i = 0; i < order.size(); ++i) {
-    Sequence& s = *seqs[order[i]];
-    absl::Status st = I.Lock(s);
-    ++locked;
-    if (!st.ok()) return st;
-    if (absl::Status st2 = I.CheckAttendable(s, layer); !st2.ok()) return st2;
+  std::vector<Impl::Locked> held(items.size());
+  for (size_t i : order) {
+    absl::StatusOr<Impl::Locked> locked = I.Acquire(items[i].sequence);
+    if (!locked.ok()) return locked.status();
+    held[i] = std::move(*locked);
+    if (absl::Status st = I.CheckAttendable(*held[i].seq, layer); !st.ok()) return st;
   }
 
   const int H = sh.kv_heads;
   std::vector<kernels::AttendParams> params(items.size() * H);
   for (size_t i = 0; i < items.size(); ++i) {
-    for (int h = 0; h < H; ++h) I.FillAttend(*seqs[i], layer, h, items[i].q, items[i].out, out_dtype, params[i * H + h]);
+    for (int h = 0; h < H; ++h) {
+      I.FillAttend(*held[i].seq, layer, h, items[i].q, items[i].out, out_dtype, params[i * H + h]);
+    }
   }
   I.backend->kernels().Attend(params);
   AttendCounts total;
   for (size_t i = 0; i < items.size(); ++i) {
-    absl::StatusOr<AttendCounts> c = I.FinishAttend(*seqs[i], layer);
+    absl::StatusOr<AttendCounts> c = I.FinishAttend(*held[i].seq, layer);
     if (!c.ok()) return c.status();
     total += *c;
   }
@@ -418,12 +424,9 @@ absl::StatusOr<AttendCounts> Runtime::AttendBatch(int layer, absl::Span<const At
 absl::StatusOr<int> Runtime::Recall(SequenceId id, int layer, int kv_head, absl::Span<const int64_t> positions) {
   Impl& I = *impl_;
   if (absl::Status st = I.CheckHead(layer, kv_head); !st.ok()) return st;
-  absl::StatusOr<std::shared_ptr<Sequence>> seq = I.Find(id);
-  if (!seq.ok()) return seq.status();
-  Sequence& s = **seq;
-  absl::Status lock_status = I.Lock(s);
-  absl::Cleanup unlock = [&] { s.mu.Unlock(); };
-  if (!lock_status.ok()) return lock_status;
+  absl::StatusOr<Impl::Locked> locked = I.Acquire(id);
+  if (!locked.ok()) return locked.status();
+  Sequence& s = *locked->seq;
   absl::StatusOr<int> n = I.Head(s, layer, kv_head).Recall({positions.data(), positions.size()});
   if (n.ok()) I.recalled.fetch_add(*n, std::memory_order_relaxed);
   return n;
@@ -436,12 +439,9 @@ absl::StatusOr<std::vector<int64_t>> Runtime::RankVague(SequenceId id, int layer
   if (q == nullptr) return absl::InvalidArgumentError("rank: q must not be null");
   const ModelShape& sh = I.options.shape;
   if (absl::Status st = I.CheckFinite(q, static_cast<int64_t>(sh.q_heads) * sh.head_dim, "q"); !st.ok()) return st;
-  absl::StatusOr<std::shared_ptr<Sequence>> seq = I.Find(id);
-  if (!seq.ok()) return seq.status();
-  Sequence& s = **seq;
-  absl::Status lock_status = I.Lock(s);
-  absl::Cleanup unlock = [&] { s.mu.Unlock(); };
-  if (!lock_status.ok()) return lock_status;
+  absl::StatusOr<Impl::Locked> locked = I.Acquire(id);
+  if (!locked.ok()) return locked.status();
+  Sequence& s = *locked->seq;
   const char* q_group = static_cast<const char*>(q) + static_cast<int64_t>(kv_head) * sh.group() * I.q_row_bytes();
   return I.Head(s, layer, kv_head).Rank(q_group, count);
 }
@@ -464,12 +464,9 @@ absl::StatusOr<int64_t> Runtime::RecallTop(SequenceId id, int layer, const void*
 absl::StatusOr<Region> Runtime::TokenRegion(SequenceId id, int layer, int kv_head, int64_t position) const {
   Impl& I = *impl_;
   if (absl::Status st = I.CheckHead(layer, kv_head); !st.ok()) return st;
-  absl::StatusOr<std::shared_ptr<Sequence>> seq = I.Find(id);
-  if (!seq.ok()) return seq.status();
-  Sequence& s = **seq;
-  absl::Status lock_status = I.Lock(s);
-  absl::Cleanup unlock = [&] { s.mu.Unlock(); };
-  if (!lock_status.ok()) return lock_status;
+  absl::StatusOr<Impl::Locked> locked = I.Acquire(id);
+  if (!locked.ok()) return locked.status();
+  Sequence& s = *locked->seq;
   HeadCache& head = I.Head(s, layer, kv_head);
   if (position < 0 || position >= head.length()) {
     return absl::InvalidArgumentError(
@@ -482,12 +479,9 @@ absl::Status Runtime::ReadToken(SequenceId id, int layer, int kv_head, int64_t p
   Impl& I = *impl_;
   if (absl::Status st = I.CheckHead(layer, kv_head); !st.ok()) return st;
   if (k == nullptr || v == nullptr) return absl::InvalidArgumentError("read: k and v must not be null");
-  absl::StatusOr<std::shared_ptr<Sequence>> seq = I.Find(id);
-  if (!seq.ok()) return seq.status();
-  Sequence& s = **seq;
-  absl::Status lock_status = I.Lock(s);
-  absl::Cleanup unlock = [&] { s.mu.Unlock(); };
-  if (!lock_status.ok()) return lock_status;
+  absl::StatusOr<Impl::Locked> locked = I.Acquire(id);
+  if (!locked.ok()) return locked.status();
+  Sequence& s = *locked->seq;
   HeadCache& head = I.Head(s, layer, kv_head);
   if (position < 0 || position >= head.length()) {
     return absl::InvalidArgumentError(
@@ -501,12 +495,9 @@ absl::Status Runtime::EstimateToken(SequenceId id, int layer, int kv_head, int64
   Impl& I = *impl_;
   if (absl::Status st = I.CheckHead(layer, kv_head); !st.ok()) return st;
   if (k == nullptr || v == nullptr) return absl::InvalidArgumentError("estimate: k and v must not be null");
-  absl::StatusOr<std::shared_ptr<Sequence>> seq = I.Find(id);
-  if (!seq.ok()) return seq.status();
-  Sequence& s = **seq;
-  absl::Status lock_status = I.Lock(s);
-  absl::Cleanup unlock = [&] { s.mu.Unlock(); };
-  if (!lock_status.ok()) return lock_status;
+  absl::StatusOr<Impl::Locked> locked = I.Acquire(id);
+  if (!locked.ok()) return locked.status();
+  Sequence& s = *locked->seq;
   HeadCache& head = I.Head(s, layer, kv_head);
   if (position < 0 || position >= head.length()) {
     return absl::InvalidArgumentError(
@@ -516,12 +507,9 @@ absl::Status Runtime::EstimateToken(SequenceId id, int layer, int kv_head, int64
 }
 
 absl::StatusOr<RegionCounts> Runtime::Regions(SequenceId id) const {
-  absl::StatusOr<std::shared_ptr<Sequence>> seq = impl_->Find(id);
-  if (!seq.ok()) return seq.status();
-  Sequence& s = **seq;
-  absl::Status lock_status = impl_->Lock(s);
-  absl::Cleanup unlock = [&] { s.mu.Unlock(); };
-  if (!lock_status.ok()) return lock_status;
+  absl::StatusOr<Impl::Locked> locked = impl_->Acquire(id);
+  if (!locked.ok()) return locked.status();
+  Sequence& s = *locked->seq;
   RegionCounts c;
   for (const auto& head : s.heads) c += head->regions();
   return c;
@@ -529,14 +517,9 @@ absl::StatusOr<RegionCounts> Runtime::Regions(SequenceId id) const {
 
 RuntimeStats Runtime::Stats() const {
   const Impl& I = *impl_;
-  std::vector<std::shared_ptr<Sequence>> seqs;
-  {
-    absl::ReaderMutexLock lock(&I.map_mu);
-    for (const auto& [id, seq] : I.sequences) seqs.push_back(seq);
-  }
   RuntimeStats st;
-  for (const auto& seq : seqs) {
-    absl::MutexLock lock(&seq->mu);
+  for (const auto& seq : I.All()) {
+    std::unique_lock lock(seq->mu);
     if (seq->removed) continue;
     ++st.sequences;
     for (const auto& head : seq->heads) st.regions += head->regions();
@@ -558,14 +541,9 @@ RuntimeStats Runtime::Stats() const {
 
 absl::Status Runtime::CheckInvariants() const {
   const Impl& I = *impl_;
-  std::vector<std::shared_ptr<Sequence>> seqs;
-  {
-    absl::ReaderMutexLock lock(&I.map_mu);
-    for (const auto& [id, seq] : I.sequences) seqs.push_back(seq);
-  }
   int64_t blocks = 0;
-  for (const auto& seq : seqs) {
-    absl::MutexLock lock(&seq->mu);
+  for (const auto& seq : I.All()) {
+    std::unique_lock lock(seq->mu);
     if (seq->removed) continue;
     for (const auto& head : seq->heads) {
       if (absl::Status st = head->CheckInvariants(); !st.ok()) {

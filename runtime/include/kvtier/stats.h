@@ -62,7 +62,7 @@ struct TierStats {
   int64_t bytes_in_use = 0;     // blocks_in_use * block_bytes
   int64_t bytes_reserved = 0;   // memory held from the system
   int64_t peak_bytes_in_use = 0;
-  int64_t capacity_bytes = 0;   // 0 = no cap
+  int64_t capacity_bytes = 0;   // whole blocks within the cap; 0 = no cap
   int64_t bytes_written = 0;
   int64_t bytes_read = 0;
 };

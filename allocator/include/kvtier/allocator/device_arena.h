@@ -10,11 +10,10 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <vector>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "kvtier/backend.h"
 
 namespace kvtier {
@@ -38,8 +37,8 @@ class DeviceArena {
 
   // ResourceExhausted naming the count when every chunk is in use.
   absl::StatusOr<void*> AllocateChunk();
-  // `chunk` must come from AllocateChunk and not be freed yet.
-  void FreeChunk(void* chunk);
+  // FailedPrecondition for a pointer that is not a chunk in use.
+  absl::Status FreeChunk(void* chunk);
 
   int64_t capacity_bytes() const { return prefix_bytes_ + chunk_bytes_ * chunk_count_; }
   // The prefix plus the chunks in use.
@@ -54,9 +53,11 @@ class DeviceArena {
   const int64_t prefix_bytes_;
   const int64_t chunk_bytes_;
   const int32_t chunk_count_;
-  mutable absl::Mutex mu_;
-  std::vector<int32_t> free_ ABSL_GUARDED_BY(mu_);  // chunk indices, a stack
-  int32_t peak_in_use_ ABSL_GUARDED_BY(mu_) = 0;
+  mutable std::mutex mu_;
+  // Guarded by mu_:
+  std::vector<int32_t> free_;     // chunk indices, a stack
+  std::vector<uint8_t> in_use_;   // per chunk
+  int32_t peak_in_use_ = 0;
 };
 
 }  // namespace kvtier

@@ -8,10 +8,10 @@
 
 #include <atomic>
 #include <memory>
+#include <mutex>
+#include <shared_mutex>
 #include <vector>
 
-#include "absl/base/thread_annotations.h"
-#include "absl/synchronization/mutex.h"
 #include "kvtier/backend.h"
 #include "kvtier/offload/tier.h"
 
@@ -44,14 +44,16 @@ class HostTier final : public Tier {
 
   Backend& backend_;
   const int64_t block_bytes_;
-  const int64_t capacity_blocks_;  // 0 = no cap
+  const int64_t capacity_bytes_;   // as configured; 0 = no cap
+  const int64_t capacity_blocks_;  // whole blocks within the cap
   const int32_t blocks_per_chunk_;
-  mutable absl::Mutex mu_;
-  std::vector<char*> chunks_ ABSL_GUARDED_BY(mu_);
-  std::vector<uint8_t> in_use_ ABSL_GUARDED_BY(mu_);  // per block
-  std::vector<BlockId> free_ ABSL_GUARDED_BY(mu_);
-  int64_t blocks_in_use_ ABSL_GUARDED_BY(mu_) = 0;
-  int64_t peak_blocks_ ABSL_GUARDED_BY(mu_) = 0;
+  mutable std::shared_mutex mu_;
+  // Guarded by mu_:
+  std::vector<char*> chunks_;
+  std::vector<uint8_t> in_use_;  // per block
+  std::vector<BlockId> free_;
+  int64_t blocks_in_use_ = 0;
+  int64_t peak_blocks_ = 0;
   std::atomic<int64_t> bytes_written_{0};
   std::atomic<int64_t> bytes_read_{0};
 };
