@@ -170,7 +170,14 @@ absl::StatusOr<BudgetPlan> PlanBudget(const Options& o) {
   stage.value = std::min<int64_t>(stage.value, o.max_context);
   if (p.sketch_kind != SketchKind::kNone) {
     sketch.value = std::clamp<int64_t>(sketch.value, kMinSketchBuckets, max_width);
-    if (p.sketch_kind == SketchKind::kCentroid) sketch.value = std::bit_floor(static_cast<uint64_t>(sketch.value));
+    if (p.sketch_kind == SketchKind::kCentroid) {
+      // SimHash needs a power of two; what rounding frees goes to candidates.
+      const int64_t pow2 = static_cast<int64_t>(std::bit_floor(static_cast<uint64_t>(sketch.value)));
+      if (sketch.derived && cand.derived) {
+        cand.value = std::min<int64_t>(o.max_context, cand.value + (sketch.value - pow2) * sketch.unit / cand.unit);
+      }
+      sketch.value = pow2;
+    }
   }
   p.recent_tokens = static_cast<int>(recent.value);
   p.candidate_tokens = static_cast<int>(cand.value);
