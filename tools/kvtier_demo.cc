@@ -24,7 +24,7 @@ ABSL_FLAG(int, decode, 32, "decode steps after the prompt");
 ABSL_FLAG(double, budget, 0.10, "device budget, a fraction of the full cache at context + decode tokens");
 ABSL_FLAG(std::string, sketch, "count-sketch", "sketch kind: count-sketch | centroid | none");
 ABSL_FLAG(std::string, policy, "", "vague-token policy: drop | estimate | shrink (default: the runtime's; drop for none)");
-ABSL_FLAG(int, recall, 0, "vague tokens recalled per KV head after each attend (0: none)");
+ABSL_FLAG(int, recall, 8, "vague tokens recalled per KV head after each attend (0: none)");
 ABSL_FLAG(int, window, 16, "last prompt queries whose attention seeds the heavy-hitter scores");
 ABSL_FLAG(std::string, dtype, "f16", "K/V/Q dtype: f32 | f16 | bf16");
 ABSL_FLAG(uint64_t, seed, 1, "seed of the generated K/V");
