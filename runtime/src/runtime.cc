@@ -116,6 +116,24 @@ class Runtime::Impl {
     return absl::OkStatus();
   }
 
+  absl::Status CheckPosition(const HeadCache& head, int layer, int64_t position) const {
+    if (position < 0 || position >= head.length()) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("position %d is outside [0, %d) of layer %d", position, head.length(), layer));
+    }
+    return absl::OkStatus();
+  }
+
+  // The query heads of one KV head in q ([q_heads][head_dim]).
+  const void* QueryGroup(const void* q, int kv_head) const {
+    return static_cast<const char*>(q) + static_cast<int64_t>(kv_head) * options.shape.group() * q_row_bytes();
+  }
+
+  absl::Status CheckQuery(const void* q) const {
+    if (q == nullptr) return absl::InvalidArgumentError("q must not be null");
+    return CheckFinite(q, static_cast<int64_t>(options.shape.q_heads) * options.shape.head_dim, "q");
+  }
+
   absl::Status CheckFinite(const void* data, int64_t n, const char* what) const {
     const int64_t bad = backend->kernels().CountNonFinite(data, n, options.shape.dtype);
     if (bad > 0) {
@@ -436,26 +454,27 @@ absl::StatusOr<std::vector<int64_t>> Runtime::RankVague(SequenceId id, int layer
                                                         int count) const {
   Impl& I = *impl_;
   if (absl::Status st = I.CheckHead(layer, kv_head); !st.ok()) return st;
-  if (q == nullptr) return absl::InvalidArgumentError("rank: q must not be null");
-  const ModelShape& sh = I.options.shape;
-  if (absl::Status st = I.CheckFinite(q, static_cast<int64_t>(sh.q_heads) * sh.head_dim, "q"); !st.ok()) return st;
+  if (absl::Status st = I.CheckQuery(q); !st.ok()) return st;
   absl::StatusOr<Impl::Locked> locked = I.Acquire(id);
   if (!locked.ok()) return locked.status();
-  Sequence& s = *locked->seq;
-  const char* q_group = static_cast<const char*>(q) + static_cast<int64_t>(kv_head) * sh.group() * I.q_row_bytes();
-  return I.Head(s, layer, kv_head).Rank(q_group, count);
+  return I.Head(*locked->seq, layer, kv_head).Rank(I.QueryGroup(q, kv_head), count);
 }
 
 absl::StatusOr<int64_t> Runtime::RecallTop(SequenceId id, int layer, const void* q, int per_head) {
   Impl& I = *impl_;
-  const ModelShape& sh = I.options.shape;
+  if (absl::Status st = I.CheckLayer(layer); !st.ok()) return st;
+  if (absl::Status st = I.CheckQuery(q); !st.ok()) return st;
+  absl::StatusOr<Impl::Locked> locked = I.Acquire(id);
+  if (!locked.ok()) return locked.status();
   int64_t total = 0;
-  for (int h = 0; h < sh.kv_heads; ++h) {
-    absl::StatusOr<std::vector<int64_t>> top = RankVague(id, layer, h, q, per_head);
+  for (int h = 0; h < I.options.shape.kv_heads; ++h) {
+    HeadCache& head = I.Head(*locked->seq, layer, h);
+    absl::StatusOr<std::vector<int64_t>> top = head.Rank(I.QueryGroup(q, h), per_head);
     if (!top.ok()) return top.status();
     if (top->empty()) continue;
-    absl::StatusOr<int> n = Recall(id, layer, h, *top);
+    absl::StatusOr<int> n = head.Recall(*top);
     if (!n.ok()) return n.status();
+    I.recalled.fetch_add(*n, std::memory_order_relaxed);
     total += *n;
   }
   return total;
@@ -468,10 +487,7 @@ absl::StatusOr<Region> Runtime::TokenRegion(SequenceId id, int layer, int kv_hea
   if (!locked.ok()) return locked.status();
   Sequence& s = *locked->seq;
   HeadCache& head = I.Head(s, layer, kv_head);
-  if (position < 0 || position >= head.length()) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("position %d is outside [0, %d) of layer %d", position, head.length(), layer));
-  }
+  if (absl::Status st = I.CheckPosition(head, layer, position); !st.ok()) return st;
   return head.region(position);
 }
 
@@ -483,10 +499,7 @@ absl::Status Runtime::ReadToken(SequenceId id, int layer, int kv_head, int64_t p
   if (!locked.ok()) return locked.status();
   Sequence& s = *locked->seq;
   HeadCache& head = I.Head(s, layer, kv_head);
-  if (position < 0 || position >= head.length()) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("position %d is outside [0, %d) of layer %d", position, head.length(), layer));
-  }
+  if (absl::Status st = I.CheckPosition(head, layer, position); !st.ok()) return st;
   return head.ReadToken(position, k, v);
 }
 
@@ -499,10 +512,7 @@ absl::Status Runtime::EstimateToken(SequenceId id, int layer, int kv_head, int64
   if (!locked.ok()) return locked.status();
   Sequence& s = *locked->seq;
   HeadCache& head = I.Head(s, layer, kv_head);
-  if (position < 0 || position >= head.length()) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("position %d is outside [0, %d) of layer %d", position, head.length(), layer));
-  }
+  if (absl::Status st = I.CheckPosition(head, layer, position); !st.ok()) return st;
   return head.EstimateToken(position, k, v);
 }
 
