@@ -143,8 +143,9 @@ TEST(BadInputOptionsTest, EveryValidatedFieldIsInvalidArgumentNamingFieldAndValu
        {"sketch_width", "power of two", "got 24"}},
       {"attention_scale negative", [](Options& o) { o.attention_scale = -1.0; }, {"attention_scale", "got -1"}},
       {"attention_scale NaN", [nan](Options& o) { o.attention_scale = nan; }, {"attention_scale", "got nan"}},
-      {"block_tokens 0", [](Options& o) { o.block_tokens = 0; }, {"block_tokens", "got 0"}},
-      {"block_tokens above 4096", [](Options& o) { o.block_tokens = 4097; }, {"block_tokens", "got 4097"}},
+      {"block_tokens negative", [](Options& o) { o.block_tokens = -1; }, {"block_tokens", "got -1"}},
+      {"block_tokens above 65536", [](Options& o) { o.block_tokens = 65537 * 16; }, {"block_tokens", "got 1048592"}},
+      {"block_tokens not a 4 KiB block", [](Options& o) { o.block_tokens = 3; }, {"block_tokens", "got 3"}},
       {"host_tier_bytes negative", [](Options& o) { o.host_tier_bytes = -1; }, {"host_tier_bytes", "got -1"}},
       {"bad backend", [](Options& o) { o.backend = static_cast<BackendKind>(5); }, {"backend", "got 5"}},
   };
@@ -177,7 +178,7 @@ TEST(BadInputOptionsTest, FieldsThatAreIgnoredOrAtTheirLimitsAreAccepted) {
   // Boundary values of the validated ranges.
   o = BaseOptions(DType::kF32);
   o.recent_tokens = kMinRecentTokens;
-  o.block_tokens = 1;
+  o.block_tokens = 4096 / static_cast<int>(o.shape.HeadTokenBytes());
   o.sketch_kind = SketchKind::kCentroid;
   o.sketch_width = 16;
   o.device_budget_fraction = 1.0;
@@ -752,8 +753,8 @@ TEST_P(BadInputTest, AppendBeyondTheHostTierCap) {
   const int64_t prefill = 90;
   const int64_t vague_per_head = prefill - plan->sink_tokens - plan->recent_tokens - plan->candidate_tokens;
   ASSERT_GT(vague_per_head, 0);
-  const int64_t blocks_per_head = (vague_per_head + o.block_tokens - 1) / o.block_tokens;
-  const int64_t block_bytes = 2LL * o.block_tokens * kDim * static_cast<int64_t>(DTypeSize(o.shape.dtype));
+  const int64_t blocks_per_head = (vague_per_head + plan->block_tokens - 1) / plan->block_tokens;
+  const int64_t block_bytes = plan->block_tokens * o.shape.HeadTokenBytes();
   o.host_tier_bytes = blocks_per_head * kKvHeads * block_bytes;
   ASSERT_NO_FATAL_FAILURE(Init(o, /*populate=*/false));
   ASSERT_NO_FATAL_FAILURE(AppendBoth(1, 0, prefill, 1));
@@ -767,13 +768,13 @@ TEST_P(BadInputTest, AppendBeyondTheHostTierCap) {
   const int64_t need = plan->sink_tokens + plan->recent_tokens + plan->candidate_tokens + 1 - 10;
   const workload::Tensor k = Tokens(need, 5), v = Tokens(need, 6);
   Reject("append past the host-tier cap", absl::StatusCode::kResourceExhausted,
-         {"host-tier blocks", "host tier is full", absl::StrCat("cap of ", o.host_tier_bytes, " bytes")},
+         {"host-tier blocks", "host pool is full", absl::StrCat("cap of ", o.host_tier_bytes, " bytes")},
          [&] { return rt_->Append(1, 1, k.data(), v.data(), need); });
   // One token fewer stays on the device and fits.
   ASSERT_NO_FATAL_FAILURE(AppendBoth(1, 1, need - 1, 7));
   TakeReference();
   const workload::Tensor k1 = Tokens(1, 8), v1 = Tokens(1, 9);
-  Reject("one more token past the host-tier cap", absl::StatusCode::kResourceExhausted, {"host tier is full"},
+  Reject("one more token past the host-tier cap", absl::StatusCode::kResourceExhausted, {"host pool is full"},
          [&] { return rt_->Append(1, 1, k1.data(), v1.data(), 1); });
   EXPECT_EQ(rt_->Stats().host_tier.blocks_in_use, blocks_per_head * kKvHeads);
   // The TearDown appends would hit the cap: check only attends there.

@@ -43,7 +43,6 @@ Options BaseOptions(SketchKind kind) {
   o.device_budget_fraction = 0.2;
   o.sketch_kind = kind;
   o.score_decay = 0.95;
-  o.block_tokens = 8;
   o.backend = BackendKind::kCpu;
   return o;
 }

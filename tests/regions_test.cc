@@ -45,7 +45,6 @@ TEST_P(RegionsProperty, InvariantsHoldUnderRandomOperations) {
   o.sketch_width = c.kind == SketchKind::kNone ? 0 : 16;
   o.vague_policy = c.policy;
   o.score_decay = 0.95;
-  o.block_tokens = 8;
   auto created = Runtime::Create(o);
   ASSERT_TRUE(created.ok()) << created.status();
   Runtime& rt = **created;

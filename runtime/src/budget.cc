@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <numeric>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -81,6 +82,12 @@ absl::StatusOr<BudgetPlan> PlanBudget(const Options& o) {
   if (absl::Status st = o.Validate(); !st.ok()) return st;
   const ModelShape& s = o.shape;
   BudgetPlan p;
+  p.block_tokens = o.block_tokens;
+  if (p.block_tokens == 0) {  // the smallest count >= 16 whose block is a multiple of 4 KiB
+    const int64_t tok = s.HeadTokenBytes();
+    const int64_t unit = 4096 / std::gcd<int64_t>(tok, 4096);
+    p.block_tokens = static_cast<int>((16 + unit - 1) / unit * unit);
+  }
   p.sink_tokens = static_cast<int>(std::min<int64_t>(o.sink_tokens, o.max_context));
   const int64_t heads = static_cast<int64_t>(o.max_sequences) * s.layers * s.kv_heads;
 

@@ -170,7 +170,7 @@ void HeadCache::PlanAppend(int64_t n, const AppendSource& src, AppendPlan& plan)
 }
 
 int64_t HeadCache::BlocksNeeded(const AppendPlan& plan) const {
-  const int64_t b = ctx_.options->block_tokens;
+  const int64_t b = ctx_.plan->block_tokens;
   const int64_t ordinals = next_ordinal_ + static_cast<int64_t>(plan.to_vague.size());
   return (ordinals + b - 1) / b - static_cast<int64_t>(blocks_.size());
 }
@@ -180,6 +180,20 @@ const void* HeadCache::HostView(const char* device, int64_t bytes, std::vector<c
   bounce.resize(bytes);
   if (!ctx_.backend->Copy(bounce.data(), device, bytes, CopyKind::kDeviceToHost).ok()) return nullptr;
   return bounce.data();
+}
+
+absl::Status HeadCache::TierWrite(BlockId block, int64_t offset, const void* src, int64_t bytes) const {
+  char* data = ctx_.tier->Data(block);
+  if (data == nullptr) return absl::InternalError(absl::StrFormat("host-tier block %d is not allocated", block));
+  std::memcpy(data + offset, src, static_cast<size_t>(bytes));
+  return absl::OkStatus();
+}
+
+absl::Status HeadCache::TierRead(BlockId block, int64_t offset, void* dst, int64_t bytes) const {
+  const char* data = ctx_.tier->Data(block);
+  if (data == nullptr) return absl::InternalError(absl::StrFormat("host-tier block %d is not allocated", block));
+  std::memcpy(dst, data + offset, static_cast<size_t>(bytes));
+  return absl::OkStatus();
 }
 
 absl::Status HeadCache::WriteToTier(std::span<const Move> moves, const AppendSource& src) {
@@ -206,8 +220,8 @@ absl::Status HeadCache::WriteToTier(std::span<const Move> moves, const AppendSou
       if (hv == nullptr) return absl::InternalError("device-to-host copy of a value failed");
       std::memcpy(v_run.data() + (t - i) * rb, hv, rb);
     }
-    if (absl::Status st = ctx_.tier->Write(block, OrdinalOffset(ord0), k_run.data(), bytes); !st.ok()) return st;
-    if (absl::Status st = ctx_.tier->Write(block, VOffset() + OrdinalOffset(ord0), v_run.data(), bytes); !st.ok())
+    if (absl::Status st = TierWrite(block, OrdinalOffset(ord0), k_run.data(), bytes); !st.ok()) return st;
+    if (absl::Status st = TierWrite(block, VOffset() + OrdinalOffset(ord0), v_run.data(), bytes); !st.ok())
       return st;
     i = j;
   }
@@ -429,8 +443,8 @@ absl::StatusOr<int> HeadCache::Recall(std::span<const int64_t> positions) {
   for (size_t i = 0; i < targets.size(); ++i) {
     const uint32_t ord = ordinal_[targets[i]];
     char* k = data.data() + ok * 2 * rb;
-    absl::Status st = ctx_.tier->Read(OrdinalBlock(ord), OrdinalOffset(ord), k, rb);
-    if (st.ok()) st = ctx_.tier->Read(OrdinalBlock(ord), VOffset() + OrdinalOffset(ord), k + rb, rb);
+    absl::Status st = TierRead(OrdinalBlock(ord), OrdinalOffset(ord), k, rb);
+    if (st.ok()) st = TierRead(OrdinalBlock(ord), VOffset() + OrdinalOffset(ord), k + rb, rb);
     if (!st.ok()) {
       read_status.Update(st);
       continue;
@@ -521,8 +535,8 @@ absl::Status HeadCache::ReadToken(int64_t pos, void* k, void* v) const {
   const int64_t rb = ctx_.row_bytes;
   if (region(pos) == Region::kVague) {
     const uint32_t ord = ordinal_[pos];
-    if (absl::Status st = ctx_.tier->Read(OrdinalBlock(ord), OrdinalOffset(ord), k, rb); !st.ok()) return st;
-    return ctx_.tier->Read(OrdinalBlock(ord), VOffset() + OrdinalOffset(ord), v, rb);
+    if (absl::Status st = TierRead(OrdinalBlock(ord), OrdinalOffset(ord), k, rb); !st.ok()) return st;
+    return TierRead(OrdinalBlock(ord), VOffset() + OrdinalOffset(ord), v, rb);
   }
   const int32_t slot = static_cast<int32_t>(index_[pos]);
   if (absl::Status st = ctx_.backend->Copy(k, KSlot(slot), rb, CopyKind::kDeviceToHost); !st.ok()) return st;
@@ -608,7 +622,7 @@ absl::Status HeadCache::CheckInvariants() const {
   int64_t occupied = 0;
   for (int32_t pos : slot_pos_) occupied += pos >= 0;
   if (occupied != want.resident()) return fail(absl::StrFormat("%d slots occupied for %d resident tokens", occupied, want.resident()));
-  const int64_t b = ctx_.options->block_tokens;
+  const int64_t b = ctx_.plan->block_tokens;
   if (static_cast<int64_t>(blocks_.size()) != (next_ordinal_ + b - 1) / b)
     return fail(absl::StrFormat("%d host blocks for %d ordinals", blocks_.size(), next_ordinal_));
   if (HasSketch()) {

@@ -21,7 +21,7 @@
 #include "kvtier/backend.h"
 #include "kvtier/budget.h"
 #include "kvtier/kernels/params.h"
-#include "kvtier/offload/tier.h"
+#include "kvtier/offload/host_tier.h"
 #include "kvtier/options.h"
 #include "kvtier/stats.h"
 
@@ -33,7 +33,7 @@ struct HeadContext {
   const BudgetPlan* plan = nullptr;
   HeadLayout layout;
   Backend* backend = nullptr;
-  Tier* tier = nullptr;
+  HostTier* tier = nullptr;
   const float* planes = nullptr;  // [device] SimHash planes, centroid sketch only
   int64_t row_bytes = 0;          // one K (or V) row: head_dim * dtype size
 };
@@ -111,11 +111,11 @@ class HeadCache {
   bool MirrorsVagueIds() const { return vague_ids_dev_ != nullptr; }
 
   // Host-tier location of an ordinal: (block, byte offset of K; V follows B rows later).
-  BlockId OrdinalBlock(uint32_t ordinal) const { return blocks_[ordinal / ctx_.options->block_tokens]; }
+  BlockId OrdinalBlock(uint32_t ordinal) const { return blocks_[ordinal / ctx_.plan->block_tokens]; }
   int64_t OrdinalOffset(uint32_t ordinal) const {
-    return static_cast<int64_t>(ordinal % ctx_.options->block_tokens) * ctx_.row_bytes;
+    return static_cast<int64_t>(ordinal % ctx_.plan->block_tokens) * ctx_.row_bytes;
   }
-  int64_t VOffset() const { return static_cast<int64_t>(ctx_.options->block_tokens) * ctx_.row_bytes; }
+  int64_t VOffset() const { return static_cast<int64_t>(ctx_.plan->block_tokens) * ctx_.row_bytes; }
 
   // Sketch update of tokens at `positions`, data read from `slots` (or, with
   // slots empty, caller rows `rows` of src).
@@ -130,6 +130,9 @@ class HeadCache {
   // Writes exact K/V of first-time vague tokens to the host tier.
   absl::Status WriteToTier(std::span<const Move> moves, const AppendSource& src);
   const void* HostView(const char* device, int64_t bytes, std::vector<char>& bounce) const;
+  // Copies between host memory and [offset, offset + bytes) of a host-tier block.
+  absl::Status TierWrite(BlockId block, int64_t offset, const void* src, int64_t bytes) const;
+  absl::Status TierRead(BlockId block, int64_t offset, void* dst, int64_t bytes) const;
 
   const HeadContext& ctx_;
   const int layer_;

@@ -103,7 +103,16 @@ absl::Status Options::Validate() const {
   if (!(std::isfinite(attention_scale) && attention_scale >= 0.0)) {
     return Bad("attention_scale", "0 (1/sqrt(head_dim)) or > 0", absl::StrCat(attention_scale));
   }
-  if (block_tokens < 1 || block_tokens > 4096) return Bad("block_tokens", "in [1, 4096]", absl::StrCat(block_tokens));
+  if (block_tokens != 0) {
+    const int64_t block_bytes = shape.HeadTokenBytes() * block_tokens;
+    if (block_tokens < 0 || block_tokens > 65536 || block_bytes % 4096 != 0) {
+      return Bad("block_tokens",
+                 absl::StrFormat("0 (derived) or in [1, 65536] with blocks of a multiple of 4096 bytes (%d bytes "
+                                 "per token)",
+                                 shape.HeadTokenBytes()),
+                 absl::StrFormat("%d (%d-byte blocks)", block_tokens, block_bytes));
+    }
+  }
   if (host_tier_bytes < 0) return Bad("host_tier_bytes", ">= 0", absl::StrCat(host_tier_bytes));
   if (backend != BackendKind::kAuto && backend != BackendKind::kCpu && backend != BackendKind::kCuda) {
     return Bad("backend", "auto, cpu or cuda", absl::StrCat(int(backend)));

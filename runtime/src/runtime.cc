@@ -216,9 +216,7 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const Options& options)
 
   const int64_t row_bytes = sh.head_dim * static_cast<int64_t>(DTypeSize(sh.dtype));
   absl::StatusOr<std::unique_ptr<HostTier>> tier = HostTier::Create(
-      *impl->backend, {.block_bytes = 2 * options.block_tokens * row_bytes,
-                       .capacity_bytes = options.host_tier_bytes,
-                       .blocks_per_chunk = std::max(1, static_cast<int>((1 << 20) / (2 * options.block_tokens * row_bytes)))});
+      *impl->backend, {.block_bytes = plan->block_tokens * sh.HeadTokenBytes(), .capacity_bytes = options.host_tier_bytes});
   if (!tier.ok()) return tier.status();
   impl->tier = std::move(*tier);
 

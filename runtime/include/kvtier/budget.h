@@ -30,6 +30,8 @@ struct BudgetPlan {
   // False when the budget holds every token up to max_context: the recent
   // window spans the whole context and nothing ever becomes vague.
   bool compressed = true;
+  // Tokens per host-tier block (Options::block_tokens, or derived).
+  int block_tokens = 0;
 
   int slots() const { return sink_tokens + recent_tokens + candidate_tokens + staging_tokens; }
 

@@ -104,8 +104,10 @@ struct Options {
   VaguePolicy vague_policy = VaguePolicy::kShrink;  // default kShrink
 
   // ---- Host tier ----
-  // Tokens per host block (one layer and KV head, K then V). Default 16, in [1, 4096].
-  int block_tokens = 16;
+  // Tokens per host block (one layer and KV head, K then V); a block must be
+  // a multiple of 4096 bytes (O_DIRECT). 0 (default): the smallest count >= 16
+  // that gives one (16 for head_dim 64 fp16: 4 KiB). Else in [1, 65536].
+  int block_tokens = 0;
   // Cap on host-tier bytes; 0 (default) = no cap. Appends that would need more
   // fail with ResourceExhausted and leave the sequence unchanged.
   int64_t host_tier_bytes = 0;

@@ -59,12 +59,23 @@ struct AttendCounts {
 struct TierStats {
   int64_t block_bytes = 0;
   int64_t blocks_in_use = 0;
-  int64_t bytes_in_use = 0;     // blocks_in_use * block_bytes
-  int64_t bytes_reserved = 0;   // memory held from the system
+  int64_t bytes_in_use = 0;        // blocks_in_use * block_bytes
+  int64_t bytes_reserved = 0;      // memory or file space held from the system
   int64_t peak_bytes_in_use = 0;
-  int64_t capacity_bytes = 0;   // whole blocks within the cap; 0 = no cap
-  int64_t bytes_written = 0;
-  int64_t bytes_read = 0;
+  int64_t capacity_bytes = 0;      // whole blocks within the cap; 0 = no cap
+  int64_t bytes_written = 0;       // by completed writes
+  int64_t bytes_read = 0;          // by completed reads
+  int64_t writes = 0;              // completed write transfers
+  int64_t reads = 0;               // completed read transfers
+  int64_t write_errors = 0;        // transfers that ended in an error
+  int64_t read_errors = 0;
+  int64_t in_flight = 0;           // transfers submitted and not done
+  // Disk tiers: transfers that ran buffered because O_DIRECT was refused.
+  int64_t buffered_fallbacks = 0;
+  // Host tiers: bytes locked in memory (pinned or mlock'ed), and the NUMA
+  // node the memory is bound to (-1: not bound).
+  int64_t pinned_bytes = 0;
+  int numa_node = -1;
 };
 
 struct RuntimeStats {
