@@ -7,6 +7,7 @@ PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config
   libtbb-dev libhwloc-dev liburing-dev libabsl-dev libxxhash-dev
   libgtest-dev libgmock-dev libbenchmark-dev
+  fio
 )
 
 missing=()

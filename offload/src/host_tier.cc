@@ -13,6 +13,12 @@ absl::StatusOr<std::unique_ptr<HostTier>> HostTier::Create(Backend& backend, con
 }
 
 void HostTier::Write(BlockId block, const void* src, TierDone done) {
+  if (reinterpret_cast<uintptr_t>(src) % 4096 != 0) {
+    write_errors_.fetch_add(1, std::memory_order_relaxed);
+    std::move(done)(absl::InvalidArgumentError(
+        absl::StrFormat("host tier: write to block %d from %p, which is not 4096-byte aligned", block, src)));
+    return;
+  }
   char* dst = pool_->Data(block);
   if (dst == nullptr) {
     write_errors_.fetch_add(1, std::memory_order_relaxed);
@@ -25,6 +31,12 @@ void HostTier::Write(BlockId block, const void* src, TierDone done) {
 }
 
 void HostTier::Read(BlockId block, void* dst, TierDone done) {
+  if (reinterpret_cast<uintptr_t>(dst) % 4096 != 0) {
+    read_errors_.fetch_add(1, std::memory_order_relaxed);
+    std::move(done)(absl::InvalidArgumentError(
+        absl::StrFormat("host tier: read of block %d into %p, which is not 4096-byte aligned", block, dst)));
+    return;
+  }
   const char* src = pool_->Data(block);
   if (src == nullptr) {
     read_errors_.fetch_add(1, std::memory_order_relaxed);

@@ -35,7 +35,7 @@ class NvmeTier final : public Tier {
   struct Options {
     std::string directory;         // required; created if missing
     int64_t capacity_bytes = 0;    // required, > 0: the file never grows past it
-    int64_t block_bytes = 4096;    // > 0, a multiple of 4096
+    int64_t block_bytes = 4096;    // > 0, a multiple of 4096, at most 2^30
     int queue_depth = 32;          // io_uring entries and transfers in flight, in [1, 4096]
     IoMode io_mode = IoMode::kAuto;
     // Replaces open(2) for the tier's file (tests: refuse O_DIRECT). Same
@@ -45,7 +45,7 @@ class NvmeTier final : public Tier {
 
   // InvalidArgument for bad options; the error of open/io_uring setup.
   static absl::StatusOr<std::unique_ptr<NvmeTier>> Create(const Options& options);
-  // Drains, then closes.
+  // Drains, then closes. Not to be called from a `done` callback (nor is Drain).
   ~NvmeTier() override;
 
   std::string_view name() const override { return "nvme"; }
@@ -58,7 +58,11 @@ class NvmeTier final : public Tier {
   TierStats Stats() const override;
 
   // Registers [base, base + bytes) as an io_uring fixed buffer (base and
-  // bytes 4096-aligned). Up to 1024 regions; ResourceExhausted beyond.
+  // bytes 4096-aligned). Up to 1024 regions (a region over 1 GiB takes one
+  // per GiB); ResourceExhausted beyond. There is no unregistering: the region
+  // must stay mapped, and hold the same memory, for the tier's lifetime.
+  // Where the kernel has no sparse fixed buffers the call succeeds and the
+  // region is moved with plain READ/WRITE (logged once at Create).
   absl::Status RegisterBuffer(void* base, int64_t bytes);
   // True when the file is open with O_DIRECT.
   bool direct_io() const;
