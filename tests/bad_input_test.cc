@@ -50,6 +50,9 @@ Options BaseOptions(DType dtype) {
   // Decayed scores keep heavy-hitter competition live, so a rejected call
   // that touched the accumulated scores would change later evictions.
   o.score_decay = 0.9;
+  // No automatic recall: an attend then changes no later output (only
+  // scores), so a reference attend can be repeated bit for bit.
+  o.recall_proxy = RecallProxy::kNone;
   o.backend = BackendKind::kCpu;
   return o;
 }

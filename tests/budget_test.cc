@@ -140,8 +140,7 @@ TEST(Budget, RandomOptionsNeverExceedTheBudget) {
         ASSERT_GE(p->sketch_width, kMinSketchBuckets);
       }
     }
-    const HeadLayout l = ComputeHeadLayout(o.shape, o.max_context, p->compressed, p->slots(), p->sketch_kind,
-                                           p->sketch_rows, p->sketch_width);
+    const HeadLayout l = ComputeHeadLayout(o.shape, o.max_context, *p);
     ASSERT_EQ(l.bytes, p->per_head.total());
     auto rt = Runtime::Create(o);
     ASSERT_TRUE(rt.ok()) << rt.status();

@@ -44,6 +44,9 @@ Options BaseOptions(SketchKind kind) {
   o.sketch_kind = kind;
   o.score_decay = 0.95;
   o.backend = BackendKind::kCpu;
+  // Recalls of one step always land before the next attend: outputs do not
+  // depend on the transfer thread's timing, so replays are bit-identical.
+  o.recall_wait_us = 10'000'000;
   return o;
 }
 

@@ -230,6 +230,7 @@ Options RecallOptions(SketchKind kind) {
   o.sketch_kind = kind;
   o.sketch_width = 16;
   o.vague_policy = VaguePolicy::kEstimate;
+  o.recall_proxy = RecallProxy::kNone;  // only the explicit recalls of each test
   return o;
 }
 

@@ -245,8 +245,9 @@ struct MixedCase {
     p.k_slots = k_slots.data();
     p.v_slots = v_slots.data();
     // Two ranges to exercise range handling.
-    p.ranges[0] = {0, resident / 2};
-    p.ranges[1] = {resident / 2, resident - resident / 2};
+    ranges[0] = {0, resident / 2};
+    ranges[1] = {resident / 2, resident - resident / 2};
+    p.ranges = ranges;
     p.num_ranges = 2;
     p.slot_probs = probs.data();
     p.sketch = sketch.s;
@@ -258,6 +259,7 @@ struct MixedCase {
   int d, group;
   std::vector<float> k_slots, v_slots, kv, vv, q, out, probs;
   std::vector<uint32_t> ids, buckets;
+  kernels::SlotRange ranges[2];
   kernels::AttendParams p;
 };
 

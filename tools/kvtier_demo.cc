@@ -24,7 +24,12 @@ ABSL_FLAG(int, decode, 32, "decode steps after the prompt");
 ABSL_FLAG(double, budget, 0.10, "device budget, a fraction of the full cache at context + decode tokens");
 ABSL_FLAG(std::string, sketch, "count-sketch", "sketch kind: count-sketch | centroid | none");
 ABSL_FLAG(std::string, policy, "", "vague-token policy: drop | estimate | shrink (default: the runtime's; drop for none)");
-ABSL_FLAG(int, recall, 8, "vague tokens recalled per KV head after each attend (0: none)");
+ABSL_FLAG(int, recall, -1, "vague tokens recalled per KV head after each attend (-1: the plan's default, 0: none)");
+ABSL_FLAG(std::string, proxy, "sketch", "what ranks vague tokens for recall: sketch | block-bounds | none");
+ABSL_FLAG(int64_t, wait_us, 0, "how long an attend waits for recalls in flight (microseconds)");
+ABSL_FLAG(int64_t, host_bytes, 0, "cap on the host tier in bytes (0: none)");
+ABSL_FLAG(std::string, nvme_dir, "", "directory of a disk tier below the host tier (needs --host_bytes)");
+ABSL_FLAG(int64_t, nvme_bytes, int64_t{1} << 30, "cap on the disk tier in bytes");
 ABSL_FLAG(int, window, 16, "last prompt queries whose attention seeds the heavy-hitter scores");
 ABSL_FLAG(std::string, dtype, "f16", "K/V/Q dtype: f32 | f16 | bf16");
 ABSL_FLAG(uint64_t, seed, 1, "seed of the generated K/V");
@@ -79,11 +84,23 @@ int Run() {
   const int64_t context = absl::GetFlag(FLAGS_context);
   const int decode = absl::GetFlag(FLAGS_decode);
   const int window = absl::GetFlag(FLAGS_window);
-  const int recall = absl::GetFlag(FLAGS_recall);
-  if (context < 1 || decode < 1 || window < 0 || window > context || recall < 0) {
-    std::fprintf(stderr, "kvtier-demo: need --context >= 1, --decode >= 1, 0 <= --window <= --context, --recall >= 0\n");
+  if (context < 1 || decode < 1 || window < 0 || window > context) {
+    std::fprintf(stderr, "kvtier-demo: need --context >= 1, --decode >= 1, 0 <= --window <= --context\n");
     return 2;
   }
+  if (!ParseName<RecallProxy>(absl::GetFlag(FLAGS_proxy),
+                              {{"sketch", RecallProxy::kSketch}, {"block-bounds", RecallProxy::kBlockBounds},
+                               {"none", RecallProxy::kNone}},
+                              o.recall_proxy)) {
+    std::fprintf(stderr, "kvtier-demo: unknown --proxy %s (sketch, block-bounds or none)\n",
+                 absl::GetFlag(FLAGS_proxy).c_str());
+    return 2;
+  }
+  o.recall_tokens = absl::GetFlag(FLAGS_recall);
+  o.recall_wait_us = absl::GetFlag(FLAGS_wait_us);
+  o.host_tier_bytes = absl::GetFlag(FLAGS_host_bytes);
+  o.nvme_dir = absl::GetFlag(FLAGS_nvme_dir);
+  if (!o.nvme_dir.empty()) o.nvme_bytes = absl::GetFlag(FLAGS_nvme_bytes);
   o.max_context = context + decode;
   o.device_budget_fraction = absl::GetFlag(FLAGS_budget);
 
@@ -99,9 +116,9 @@ int Run() {
               static_cast<int>(rt.backend_name().size()), rt.backend_name().data(), static_cast<long long>(context),
               decode);
   std::printf("plan: %s\n", rt.plan().Explain().c_str());
-  std::printf("sketch %s, policy %s, recall %d per KV head per step\n",
+  std::printf("sketch %s, policy %s, recall %d tokens per KV head per step ranked by %s\n",
               std::string(SketchKindName(o.sketch_kind)).c_str(), std::string(VaguePolicyName(o.vague_policy)).c_str(),
-              recall);
+              rt.plan().recall_tokens, std::string(RecallProxyName(o.recall_proxy)).c_str());
 
   workload::SyntheticKvOptions wo;
   wo.seed = absl::GetFlag(FLAGS_seed);
@@ -158,7 +175,7 @@ int Run() {
 
   // Decode.
   double err_sum = 0, attend_s = 0;
-  int64_t err_n = 0, recalled = 0;
+  int64_t err_n = 0;
   AttendCounts served;
   Tensor qt(dtype, sh.q_heads * d), kt(dtype, H * d), vt(dtype, H * d);
   std::vector<float> out(sh.q_heads * d);
@@ -200,14 +217,6 @@ int Run() {
         err_sum += workload::RelativeError(out.data() + qh * d, ref.data(), d);
         ++err_n;
       }
-      if (recall > 0) {
-        absl::StatusOr<int64_t> r = rt.RecallTop(seq, l, qt.data(), recall);
-        if (!r.ok()) {
-          std::fprintf(stderr, "kvtier-demo: recall: %s\n", r.status().ToString().c_str());
-          return 1;
-        }
-        recalled += *r;
-      }
     }
   }
   const double decode_s = Seconds(t0);
@@ -230,16 +239,31 @@ int Run() {
               static_cast<long long>(b.sink), static_cast<long long>(b.recent), static_cast<long long>(b.candidate),
               static_cast<long long>(b.staging), static_cast<long long>(b.sketch), static_cast<long long>(b.metadata),
               static_cast<long long>(b.total()));
-  std::printf("host tier: %lld bytes in %lld blocks of %lld (written %lld, read %lld)\n",
+  const StoreStats& ss = st.store;
+  std::printf("host tier: %lld bytes in %lld blocks of %lld (pinned %lld, NUMA node %d)\n",
               static_cast<long long>(st.host_tier.bytes_in_use), static_cast<long long>(st.host_tier.blocks_in_use),
-              static_cast<long long>(st.host_tier.block_bytes), static_cast<long long>(st.host_tier.bytes_written),
-              static_cast<long long>(st.host_tier.bytes_read));
+              static_cast<long long>(st.host_tier.block_bytes), static_cast<long long>(st.host_tier.pinned_bytes),
+              st.host_tier.numa_node);
+  if (!o.nvme_dir.empty()) {
+    std::printf("disk tier: %lld bytes in %lld blocks; %lld demotions, %lld promotions\n",
+                static_cast<long long>(st.disk_tier.bytes_in_use), static_cast<long long>(st.disk_tier.blocks_in_use),
+                static_cast<long long>(ss.demotions), static_cast<long long>(ss.promotions));
+  }
+  std::printf("bytes moved: device->host %lld, host->device %lld, host->disk %lld, disk->host %lld\n",
+              static_cast<long long>(ss.bytes_device_to_host), static_cast<long long>(ss.bytes_host_to_device),
+              static_cast<long long>(ss.bytes_host_to_disk), static_cast<long long>(ss.bytes_disk_to_host));
   const double all = static_cast<double>(served.exact + served.from_sketch + served.dropped);
   std::printf("\nserved over %d decode steps x %d layers (token-heads): exact %lld (%.1f%%), from sketch %lld (%.1f%%), "
-              "dropped %lld (%.1f%%); recalled %lld\n",
+              "dropped %lld (%.1f%%)\n",
               decode, L, static_cast<long long>(served.exact), 100.0 * served.exact / all,
               static_cast<long long>(served.from_sketch), 100.0 * served.from_sketch / all,
-              static_cast<long long>(served.dropped), 100.0 * served.dropped / all, static_cast<long long>(recalled));
+              static_cast<long long>(served.dropped), 100.0 * served.dropped / all);
+  const RecallStats& rc = st.recall;
+  std::printf("recall (token-heads): requested %lld, exact hits %lld, sketch fallbacks %lld, late %lld, wasted %lld, "
+              "failed %lld\n",
+              static_cast<long long>(rc.requested), static_cast<long long>(rc.exact_hits),
+              static_cast<long long>(rc.sketch_fallbacks), static_cast<long long>(rc.late_arrivals),
+              static_cast<long long>(rc.wasted_prefetches), static_cast<long long>(rc.failed));
   std::printf("attention output vs exact attention over all tokens: mean relative error %.4f\n", err_sum / err_n);
   std::printf("decode: %.2f s (%.3f ms per layer attend in the runtime)\n", decode_s, 1e3 * attend_s / (decode * L));
   return 0;
@@ -251,7 +275,8 @@ int Run() {
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "runs the kvtier runtime end to end on generated K/V of SmolLM2-135M and prints what it holds and served.\n"
-      "Usage: kvtier-demo [--context N] [--decode N] [--budget F] [--sketch KIND] [--policy P] [--recall N]");
+      "Usage: kvtier-demo [--context N] [--decode N] [--budget F] [--sketch KIND] [--policy P] [--recall N]\n"
+      "                   [--proxy P] [--wait_us N] [--host_bytes N] [--nvme_dir DIR --nvme_bytes N]");
   absl::ParseCommandLine(argc, argv);
   return kvtier::Run();
 }

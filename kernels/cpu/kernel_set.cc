@@ -1,5 +1,6 @@
 // CpuKernelSet: runs the CPU kernels, items in parallel on oneTBB, each
 // thread with its own Workspace.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -34,6 +35,29 @@ class CpuKernelSet final : public KernelSet {
 
   void SketchScores(const SketchScoreParams& p) override {
     cpu::SketchScoresAll(p, workspaces_.local().Floats(cpu::SketchWorkspaceFloats(p.sketch, p.group)));
+  }
+
+  void BoundScores(const BoundScoreParams& p) override {
+    float* ws = workspaces_.local().Floats(3LL * p.group * p.head_dim + 16);
+    float* q = ws;                               // [group][d]
+    float* lo = ws + p.group * p.head_dim;       // [d]
+    float* hi = lo + p.head_dim;                 // [d]
+    for (int g = 0; g < p.group; ++g) {
+      cpu::LoadF32(cpu::RowPtr(p.q, p.dtype, g, p.head_dim), p.dtype, p.head_dim, q + g * p.head_dim);
+    }
+    for (int32_t i = 0; i < p.n; ++i) {
+      cpu::LoadF32(cpu::RowPtr(p.bounds, p.dtype, 2LL * i, p.head_dim), p.dtype, p.head_dim, lo);
+      cpu::LoadF32(cpu::RowPtr(p.bounds, p.dtype, 2LL * i + 1, p.head_dim), p.dtype, p.head_dim, hi);
+      float best = -INFINITY;
+      for (int g = 0; g < p.group; ++g) {
+        const float* qg = q + g * p.head_dim;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int j = 0; j < p.head_dim; ++j) s += std::max(qg[j] * lo[j], qg[j] * hi[j]);
+        best = std::max(best, s);
+      }
+      p.scores[i] = p.scale * best;
+    }
   }
 
   void CopyRows(std::span<const RowCopyParams> items) override {

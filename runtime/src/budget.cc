@@ -13,8 +13,13 @@
 
 namespace kvtier {
 
-HeadLayout ComputeHeadLayout(const ModelShape& shape, int64_t max_context, bool compressed, int slots,
-                             SketchKind kind, int rows, int width) {
+int64_t SummaryBytes(const ModelShape& shape, int64_t groups) { return groups * shape.HeadTokenBytes(); }
+
+HeadLayout ComputeHeadLayout(const ModelShape& shape, int64_t max_context, const BudgetPlan& plan) {
+  const int slots = plan.slots();
+  const SketchKind kind = plan.sketch_kind;
+  const int rows = plan.sketch_rows, width = plan.sketch_width;
+  const bool compressed = plan.compressed;
   HeadLayout l;
   const int64_t slot_kv = static_cast<int64_t>(slots) * shape.head_dim * DTypeSize(shape.dtype);
   int64_t off = 0;
@@ -33,6 +38,10 @@ HeadLayout ComputeHeadLayout(const ModelShape& shape, int64_t max_context, bool 
   if (kind != SketchKind::kNone) {
     l.sketch = off;
     off += AlignUp(kernels::SketchStateFloats(rows, width, shape.head_dim) * 4, kDeviceAlign);
+  }
+  if (plan.summary_groups > 0) {
+    l.summary = off;
+    off += AlignUp(SummaryBytes(shape, plan.summary_groups), kDeviceAlign);
   }
   l.bytes = off;
   return l;
@@ -56,8 +65,7 @@ int64_t PlanesBytes(const ModelShape& shape, SketchKind kind, int rows, int widt
 // Fills the byte fields of a plan whose sizes are set.
 void FillBytes(const Options& o, BudgetPlan& p) {
   const ModelShape& s = o.shape;
-  const HeadLayout l =
-      ComputeHeadLayout(s, o.max_context, p.compressed, p.slots(), p.sketch_kind, p.sketch_rows, p.sketch_width);
+  const HeadLayout l = ComputeHeadLayout(s, o.max_context, p);
   const int64_t tok = s.HeadTokenBytes();
   p.per_head = DeviceBytes{};
   p.per_head.sink = p.sink_tokens * tok;
@@ -68,9 +76,10 @@ void FillBytes(const Options& o, BudgetPlan& p) {
       p.sketch_kind == SketchKind::kNone
           ? 0
           : kernels::SketchStateFloats(p.sketch_rows, p.sketch_width, s.head_dim) * 4;
+  p.per_head.summary = SummaryBytes(s, p.summary_groups);
   // Slot scores, the vague-token list and alignment padding.
   p.per_head.metadata = l.bytes - p.per_head.sink - p.per_head.recent - p.per_head.candidate -
-                        p.per_head.staging - p.per_head.sketch;
+                        p.per_head.staging - p.per_head.sketch - p.per_head.summary;
   p.per_sequence_bytes = l.bytes * s.layers * s.kv_heads;
   p.shared_bytes = PlanesBytes(s, p.sketch_kind, p.sketch_rows, p.sketch_width);
   p.total_bytes = p.per_sequence_bytes * o.max_sequences + p.shared_bytes;
@@ -110,6 +119,23 @@ absl::StatusOr<BudgetPlan> PlanBudget(const Options& o) {
   p.sketch_kind = o.sketch_kind;
   p.sketch_rows = o.sketch_kind == SketchKind::kNone ? 0 : (o.sketch_rows > 0 ? o.sketch_rows : 1);
   const int64_t tok_slot = s.HeadTokenBytes() + 4;  // K, V and the slot's score
+  // Key-bounds summaries come out of the budget first, sized by their share.
+  if (o.recall_proxy == RecallProxy::kBlockBounds) {
+    const int64_t b = p.block_tokens;
+    int64_t tokens = o.summary_tokens;
+    if (tokens == 0) {
+      const int64_t per_head = p.budget_bytes / heads - p.sink_tokens * tok_slot;
+      const int64_t groups = std::max<int64_t>(
+          1, static_cast<int64_t>(o.summary_share * std::max<int64_t>(0, per_head)) / SummaryBytes(s, 1));
+      tokens = (o.max_context + groups - 1) / groups;
+      tokens = (tokens + b - 1) / b * b;
+    } else if (tokens % b != 0) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "options.summary_tokens must be a multiple of the block size (%d tokens), got %d", b, tokens));
+    }
+    p.summary_tokens = static_cast<int>(tokens);
+    p.summary_groups = static_cast<int>((o.max_context + tokens - 1) / tokens);
+  }
   const int64_t bucket_unit =
       static_cast<int64_t>(p.sketch_rows) * (2LL * s.head_dim + 2) * 4;  // one bucket in every row
   const int64_t max_width = 65536;
@@ -215,6 +241,15 @@ absl::StatusOr<BudgetPlan> PlanBudget(const Options& o) {
         "tokens and %d sketch buckets per row need %d bytes",
         p.budget_bytes, p.recent_tokens, p.candidate_tokens, p.staging_tokens, p.sketch_width, p.total_bytes));
   }
+  if (o.recall_proxy != RecallProxy::kNone) {
+    if (o.recall_tokens > p.staging_tokens) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "options.recall_tokens (%d) exceeds the staging slots of the plan (%d)", o.recall_tokens, p.staging_tokens));
+    }
+    const bool rankable = o.recall_proxy != RecallProxy::kSketch || p.sketch_kind != SketchKind::kNone;
+    p.recall_tokens = o.recall_tokens >= 0 ? o.recall_tokens
+                                           : (p.staging_tokens > 0 && rankable ? std::max(1, p.staging_tokens / 4) : 0);
+  }
   return p;
 }
 
@@ -232,10 +267,12 @@ std::string BudgetPlan::Explain() const {
                                              sketch_width, Bytes(per_head.sketch));
   return absl::StrFormat(
       "budget %s (%.1f%% of the full cache %s): per layer and KV head sink %d + recent %d + candidates %d + "
-      "staging %d tokens (%s), %s, metadata %s = %s; reserves %s in all",
+      "staging %d tokens (%s), %s%s, metadata %s = %s; reserves %s in all; recalls %d tokens per step",
       Bytes(budget_bytes), pct, Bytes(full_cache_bytes), sink_tokens, recent_tokens, candidate_tokens,
       staging_tokens, Bytes(per_head.sink + per_head.recent + per_head.candidate + per_head.staging), sketch,
-      Bytes(per_head.metadata), Bytes(per_head.total()), Bytes(total_bytes));
+      summary_groups > 0 ? absl::StrFormat(", key bounds per %d tokens (%s)", summary_tokens, Bytes(per_head.summary))
+                         : std::string(),
+      Bytes(per_head.metadata), Bytes(per_head.total()), Bytes(total_bytes), recall_tokens);
 }
 
 }  // namespace kvtier

@@ -6,6 +6,7 @@
 #include <numeric>
 
 #include "absl/strings/str_format.h"
+#include "kvtier/kernels/convert.h"
 #include "kvtier/kernels/hash.h"
 
 namespace kvtier {
@@ -36,7 +37,8 @@ HeadCache::HeadCache(const HeadContext& ctx, char* chunk, int layer, int kv_head
       v_slots_(chunk + ctx.layout.v_slots),
       slot_probs_(ctx.layout.slot_probs >= 0 ? reinterpret_cast<float*>(chunk + ctx.layout.slot_probs) : nullptr),
       vague_ids_dev_(ctx.layout.vague_ids >= 0 ? reinterpret_cast<uint32_t*>(chunk + ctx.layout.vague_ids)
-                                               : nullptr) {
+                                               : nullptr),
+      bounds_dev_(ctx.layout.summary >= 0 ? chunk + ctx.layout.summary : nullptr) {
   const BudgetPlan& plan = *ctx.plan;
   if (plan.sketch_kind != SketchKind::kNone) {
     const int64_t cells = static_cast<int64_t>(plan.sketch_rows) * plan.sketch_width;
@@ -56,6 +58,10 @@ HeadCache::HeadCache(const HeadContext& ctx, char* chunk, int layer, int kv_head
   slot_pos_.assign(plan.slots(), -1);
   slot_score_.assign(plan.slots(), 0.0f);
   probs_host_.assign(plan.slots(), 0.0f);
+  stage_.assign(staging_, Stage::kFree);
+  installed_at_.assign(staging_, 0);
+  by_class_ = HasSketch() && sketch_.rows == 1;
+  if (by_class_) class_members_.resize(sketch_.kind == SketchKind::kCountSketch ? 2 * sketch_.width : sketch_.width);
 }
 
 absl::Status HeadCache::Init() {
@@ -71,8 +77,12 @@ absl::Status HeadCache::Init() {
 }
 
 absl::Status HeadCache::Release() {
+  // Transfers in flight write into this head's slots: wait for them before
+  // the device memory can be reused.
+  for (Pending& p : pending_) p.transfer->Wait();
+  pending_.clear();
   absl::Status result;
-  for (BlockId b : blocks_) result.Update(ctx_.tier->Free(b));
+  for (BlockStore::Ref b : blocks_) result.Update(ctx_.store->Delete(b));
   blocks_.clear();
   return result;
 }
@@ -83,9 +93,15 @@ RegionCounts HeadCache::regions() const {
   c.sink = std::min<int64_t>(len, sink_);
   c.recent = std::min<int64_t>(recent_, std::max<int64_t>(0, len - sink_));
   c.candidate = n_candidates_;
-  c.recalled = n_staged_;
+  c.recalled = n_installed_;
   c.vague = static_cast<int64_t>(vague_.size());
   return c;
+}
+
+int64_t HeadCache::pending_tokens() const {
+  int64_t n = 0;
+  for (const Pending& p : pending_) n += static_cast<int64_t>(p.positions.size());
+  return n;
 }
 
 // ---------------------------------------------------------------- Append
@@ -170,7 +186,7 @@ void HeadCache::PlanAppend(int64_t n, const AppendSource& src, AppendPlan& plan)
 }
 
 int64_t HeadCache::BlocksNeeded(const AppendPlan& plan) const {
-  const int64_t b = ctx_.plan->block_tokens;
+  const int64_t b = block_tokens();
   const int64_t ordinals = next_ordinal_ + static_cast<int64_t>(plan.to_vague.size());
   return (ordinals + b - 1) / b - static_cast<int64_t>(blocks_.size());
 }
@@ -182,30 +198,54 @@ const void* HeadCache::HostView(const char* device, int64_t bytes, std::vector<c
   return bounce.data();
 }
 
-absl::Status HeadCache::TierWrite(BlockId block, int64_t offset, const void* src, int64_t bytes) const {
-  char* data = ctx_.tier->Data(block);
-  if (data == nullptr) return absl::InternalError(absl::StrFormat("host-tier block %d is not allocated", block));
-  std::memcpy(data + offset, src, static_cast<size_t>(bytes));
-  return absl::OkStatus();
+namespace {
+
+void RowToFloat(const void* row, DType t, int d, float* out) {
+  switch (t) {
+    case DType::kF32:
+      std::memcpy(out, row, sizeof(float) * d);
+      return;
+    case DType::kF16:
+      for (int j = 0; j < d; ++j) out[j] = kernels::HalfToFloat(static_cast<const uint16_t*>(row)[j]);
+      return;
+    case DType::kBF16:
+      for (int j = 0; j < d; ++j) out[j] = kernels::Bf16ToFloat(static_cast<const uint16_t*>(row)[j]);
+      return;
+  }
 }
 
-absl::Status HeadCache::TierRead(BlockId block, int64_t offset, void* dst, int64_t bytes) const {
-  const char* data = ctx_.tier->Data(block);
-  if (data == nullptr) return absl::InternalError(absl::StrFormat("host-tier block %d is not allocated", block));
-  std::memcpy(dst, data + offset, static_cast<size_t>(bytes));
-  return absl::OkStatus();
+// fp32 values that came from `t` convert back exactly.
+void FloatToRow(const float* in, DType t, int d, void* row) {
+  switch (t) {
+    case DType::kF32:
+      std::memcpy(row, in, sizeof(float) * d);
+      return;
+    case DType::kF16:
+      for (int j = 0; j < d; ++j) static_cast<uint16_t*>(row)[j] = kernels::FloatToHalf(in[j]);
+      return;
+    case DType::kBF16:
+      for (int j = 0; j < d; ++j) static_cast<uint16_t*>(row)[j] = kernels::FloatToBf16(in[j]);
+      return;
+  }
 }
 
-absl::Status HeadCache::WriteToTier(std::span<const Move> moves, const AppendSource& src) {
+}  // namespace
+
+absl::Status HeadCache::WriteToStore(std::span<const Move> moves, const AppendSource& src) {
   const int64_t rb = ctx_.row_bytes;
+  const int d = ctx_.options->shape.head_dim;
+  const DType dtype = ctx_.options->shape.dtype;
   std::vector<char> k_run, v_run, bounce;
+  std::vector<float> kf(d);
+  int64_t first_group = -1, last_group = -1;
   size_t i = 0;
   while (i < moves.size()) {
-    // A run of consecutive ordinals inside one block: one tier write each for K and V.
+    // A run of consecutive ordinals inside one block: one write each for K and V.
     const uint32_t ord0 = ordinal_[moves[i].pos];
-    const BlockId block = OrdinalBlock(ord0);
+    const BlockStore::Ref block = OrdinalBlock(ord0);
     size_t j = i;
-    while (j < moves.size() && OrdinalBlock(ordinal_[moves[j].pos]) == block) ++j;
+    float heat = 0.0f;
+    while (j < moves.size() && OrdinalBlock(ordinal_[moves[j].pos]) == block) heat += moves[j++].score;
     const int64_t bytes = static_cast<int64_t>(j - i) * rb;
     k_run.resize(bytes);
     v_run.resize(bytes);
@@ -219,11 +259,49 @@ absl::Status HeadCache::WriteToTier(std::span<const Move> moves, const AppendSou
       const void* hv = HostView(v, rb, bounce);
       if (hv == nullptr) return absl::InternalError("device-to-host copy of a value failed");
       std::memcpy(v_run.data() + (t - i) * rb, hv, rb);
+      if (bounds_dev_ != nullptr) {  // widen the key bounds of the token's group
+        const int64_t g = ordinal_[m.pos] / ctx_.plan->summary_tokens;
+        if (first_group < 0) first_group = g;
+        last_group = std::max(last_group, g);
+        if (static_cast<int64_t>(bounds_host_.size()) < (g + 1) * 2 * d) {
+          const size_t old = bounds_host_.size();
+          bounds_host_.resize((g + 1) * 2 * d);
+          for (size_t x = old; x < bounds_host_.size(); x += 2 * d) {
+            std::fill_n(bounds_host_.begin() + x, d, INFINITY);
+            std::fill_n(bounds_host_.begin() + x + d, d, -INFINITY);
+          }
+        }
+        RowToFloat(k_run.data() + (t - i) * rb, dtype, d, kf.data());
+        float* lo = bounds_host_.data() + g * 2 * d;
+        float* hi = lo + d;
+        for (int x = 0; x < d; ++x) {
+          lo[x] = std::min(lo[x], kf[x]);
+          hi[x] = std::max(hi[x], kf[x]);
+        }
+      }
     }
-    if (absl::Status st = TierWrite(block, OrdinalOffset(ord0), k_run.data(), bytes); !st.ok()) return st;
-    if (absl::Status st = TierWrite(block, VOffset() + OrdinalOffset(ord0), v_run.data(), bytes); !st.ok())
+    if (absl::Status st = ctx_.store->Write(block, OrdinalOffset(ord0), k_run.data(), bytes); !st.ok()) return st;
+    if (absl::Status st = ctx_.store->Write(block, VOffset() + OrdinalOffset(ord0), v_run.data(), bytes); !st.ok())
       return st;
+    ctx_.store->AddHeat(block, heat);
     i = j;
+  }
+  // Full blocks are sealed: from now on they may move down the tiers.
+  while (sealed_ < static_cast<int64_t>(blocks_.size()) &&
+         (sealed_ + 1) * static_cast<int64_t>(block_tokens()) <= static_cast<int64_t>(next_ordinal_)) {
+    ctx_.store->Seal(blocks_[sealed_++]);
+  }
+  if (first_group >= 0) {  // the widened bounds to the device, in the model dtype
+    const int64_t groups = last_group - first_group + 1;
+    std::vector<char> rows(groups * 2 * rb);
+    for (int64_t g = 0; g < groups; ++g) {
+      FloatToRow(bounds_host_.data() + (first_group + g) * 2 * d, dtype, d, rows.data() + g * 2 * rb);
+      FloatToRow(bounds_host_.data() + (first_group + g) * 2 * d + d, dtype, d, rows.data() + g * 2 * rb + rb);
+    }
+    if (absl::Status st = ctx_.backend->Copy(bounds_dev_ + first_group * 2 * rb, rows.data(), groups * 2 * rb,
+                                             CopyKind::kHostToDevice);
+        !st.ok())
+      return st;
   }
   return absl::OkStatus();
 }
@@ -274,12 +352,30 @@ void HeadCache::SketchUpdateFromRows(float sign, std::span<const int32_t> positi
   SketchUpdate(sign, positions, src.k, src.v, stride_elems, rows);
 }
 
+uint32_t HeadCache::ClassOf(int32_t pos) const {
+  if (sketch_.kind == SketchKind::kCountSketch) {
+    const uint32_t h = kernels::TokenHash(kernels::RowSeed(sketch_.seed, 0), static_cast<uint32_t>(pos));
+    return 2 * kernels::Bucket(h, sketch_.width) + (kernels::Sign(h) < 0 ? 1 : 0);
+  }
+  return buckets_[ordinal_[pos]];  // centroid, one row
+}
+
 absl::Status HeadCache::VagueAppend(std::span<const int32_t> positions) {
   const size_t first = vague_.size();
+  if (by_class_ && class_of_.size() < region_.size()) {
+    class_of_.resize(region_.size());
+    in_class_.resize(region_.size());
+  }
   for (int32_t pos : positions) {
     region_[pos] = static_cast<uint8_t>(Region::kVague);
     index_[pos] = static_cast<uint32_t>(vague_.size());
     vague_.push_back(static_cast<uint32_t>(pos));
+    if (by_class_) {
+      const uint32_t c = ClassOf(pos);
+      class_of_[pos] = c;
+      in_class_[pos] = static_cast<uint32_t>(class_members_[c].size());
+      class_members_[c].push_back(static_cast<uint32_t>(pos));
+    }
   }
   if (!MirrorsVagueIds() || positions.empty()) return absl::OkStatus();
   return ctx_.backend->Copy(vague_ids_dev_ + first, vague_.data() + first, positions.size() * sizeof(uint32_t),
@@ -287,6 +383,13 @@ absl::Status HeadCache::VagueAppend(std::span<const int32_t> positions) {
 }
 
 absl::Status HeadCache::VagueRemove(int32_t pos) {
+  if (by_class_) {
+    std::vector<uint32_t>& members = class_members_[class_of_[pos]];
+    const uint32_t j = in_class_[pos];
+    members[j] = members.back();
+    in_class_[members[j]] = j;
+    members.pop_back();
+  }
   const uint32_t i = index_[pos];
   const uint32_t last = vague_.back();
   vague_[i] = last;
@@ -297,9 +400,10 @@ absl::Status HeadCache::VagueRemove(int32_t pos) {
 }
 
 absl::Status HeadCache::ApplyAppend(const AppendPlan& plan, const AppendSource& src,
-                                    std::span<const BlockId> blocks) {
+                                    std::span<const BlockStore::Ref> blocks) {
   const int64_t first = length();
   region_.resize(first + plan.n, static_cast<uint8_t>(Region::kVague));
+  in_flight_.resize(first + plan.n, 0);
   index_.resize(first + plan.n, 0);
   ordinal_.resize(first + plan.n, kNoOrdinal);
   blocks_.insert(blocks_.end(), blocks.begin(), blocks.end());
@@ -319,7 +423,7 @@ absl::Status HeadCache::ApplyAppend(const AppendPlan& plan, const AppendSource& 
         rows.push_back(m.src_row);
       }
     }
-    if (absl::Status st = WriteToTier(plan.to_vague, src); !st.ok()) return st;
+    if (absl::Status st = WriteToStore(plan.to_vague, src); !st.ok()) return st;
     SketchUpdateFromSlots(+1.0f, slot_pos, slots);
     SketchUpdateFromRows(+1.0f, row_pos, rows, src);
     for (int32_t s : slots) slot_pos_[s] = -1;
@@ -369,18 +473,29 @@ absl::Status HeadCache::ApplyAppend(const AppendPlan& plan, const AppendSource& 
 
 // ---------------------------------------------------------------- Attend
 
-void HeadCache::FillAttend(kernels::AttendParams& p) const {
+void HeadCache::FillAttend(kernels::AttendParams& p) {
   const RegionCounts c = regions();
-  p.k_slots = k_slots_;
-  p.v_slots = v_slots_;
-  p.num_ranges = 0;
+  ranges_.clear();
   auto add = [&](int32_t begin, int64_t count) {
-    if (count > 0) p.ranges[p.num_ranges++] = kernels::SlotRange{begin, static_cast<int32_t>(count)};
+    if (count > 0) ranges_.push_back(kernels::SlotRange{begin, static_cast<int32_t>(count)});
   };
   add(0, c.sink);
   add(sink_, c.recent);
   add(sink_ + recent_, c.candidate);
-  add(sink_ + recent_ + candidates_, c.recalled);
+  for (int32_t i = 0; i < staging_;) {  // runs of installed staging slots
+    if (stage_[i] != Stage::kInstalled) {
+      ++i;
+      continue;
+    }
+    int32_t j = i;
+    while (j < staging_ && stage_[j] == Stage::kInstalled) ++j;
+    add(StagingSlot(i), j - i);
+    i = j;
+  }
+  p.k_slots = k_slots_;
+  p.v_slots = v_slots_;
+  p.ranges = ranges_.data();
+  p.num_ranges = static_cast<int32_t>(ranges_.size());
   p.slot_probs = slot_probs_;
   p.sketch = sketch_;
   p.policy = ctx_.options->vague_policy;
@@ -389,14 +504,17 @@ void HeadCache::FillAttend(kernels::AttendParams& p) const {
 }
 
 absl::Status HeadCache::AfterAttend() {
+  ++attends_;
   if (slot_probs_ == nullptr) return absl::OkStatus();  // nothing is ever evicted
   if (absl::Status st = ctx_.backend->Copy(probs_host_.data(), slot_probs_, probs_host_.size() * sizeof(float),
                                            CopyKind::kDeviceToHost);
       !st.ok())
     return st;
   const float decay = static_cast<float>(ctx_.options->score_decay);
-  for (size_t s = 0; s < slot_pos_.size(); ++s) {
-    if (slot_pos_[s] >= 0) slot_score_[s] = decay * slot_score_[s] + probs_host_[s];
+  last_resident_ = 0;
+  for (const kernels::SlotRange& r : ranges_) {
+    last_resident_ += r.count;
+    for (int32_t s = r.begin; s < r.begin + r.count; ++s) slot_score_[s] = decay * slot_score_[s] + probs_host_[s];
   }
   return absl::OkStatus();
 }
@@ -415,7 +533,24 @@ AttendCounts HeadCache::Served() const {
 
 // ---------------------------------------------------------------- Recall
 
-absl::StatusOr<int> HeadCache::Recall(std::span<const int64_t> positions) {
+absl::Status HeadCache::Unstage(std::span<const int32_t> slots) {
+  if (slots.empty()) return absl::OkStatus();
+  std::vector<int32_t> positions;
+  for (int32_t slot : slots) positions.push_back(slot_pos_[slot]);
+  // Their exact K/V are in the slots: back into the sketch from there.
+  SketchUpdateFromSlots(+1.0f, positions, slots);
+  if (absl::Status st = VagueAppend(positions); !st.ok()) return st;
+  for (int32_t slot : slots) {
+    const int32_t i = slot - StagingSlot(0);
+    if (installed_at_[i] == attends_) ++recall_.wasted_prefetches;  // no attend used it
+    stage_[i] = Stage::kFree;
+    slot_pos_[slot] = -1;
+    --n_installed_;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int> HeadCache::RequestRecall(std::span<const int64_t> positions, bool make_room) {
   if (staging_ == 0) {
     return absl::FailedPreconditionError("the budget plan has no staging slots (staging_tokens = 0)");
   }
@@ -426,106 +561,293 @@ absl::StatusOr<int> HeadCache::Recall(std::span<const int64_t> positions) {
           absl::StrFormat("recall of position %d, outside [0, %d) of layer %d", p, len, layer_));
     }
   }
-  // Vague targets, each once, at most staging_ of them.
+  // Staging slots: free ones first, then the installed tokens with the
+  // lowest accumulated attention.
+  std::vector<int32_t> free_slots, installed;
+  // slot_probs sum over the query group: a uniform share is group / resident.
+  const float uniform =
+      last_resident_ > 0 ? ctx_.options->shape.group() / static_cast<float>(last_resident_) : 0.0f;
+  for (int32_t i = 0; i < staging_; ++i) {
+    if (stage_[i] == Stage::kFree) free_slots.push_back(StagingSlot(i));
+    if (stage_[i] != Stage::kInstalled) continue;
+    const bool used = installed_at_[i] == attends_ || probs_host_[StagingSlot(i)] >= uniform;
+    if (make_room || !used) installed.push_back(StagingSlot(i));
+  }
+  const size_t room = free_slots.size() + installed.size();
   std::vector<int32_t> targets;
   for (int64_t p : positions) {
-    if (static_cast<int>(targets.size()) == staging_) break;
-    if (region_[p] == static_cast<uint8_t>(Region::kVague) &&
-        std::find(targets.begin(), targets.end(), static_cast<int32_t>(p)) == targets.end()) {
+    if (targets.size() == room) break;
+    if (region_[p] == static_cast<uint8_t>(Region::kVague) && !in_flight_[p]) {
+      in_flight_[p] = 1;  // also marks duplicates
       targets.push_back(static_cast<int32_t>(p));
     }
   }
-  // Read their exact K/V first: a token whose read fails stays vague.
-  const int64_t rb = ctx_.row_bytes;
-  std::vector<char> data(targets.size() * 2 * rb);
-  absl::Status read_status;
-  size_t ok = 0;
-  for (size_t i = 0; i < targets.size(); ++i) {
-    const uint32_t ord = ordinal_[targets[i]];
-    char* k = data.data() + ok * 2 * rb;
-    absl::Status st = TierRead(OrdinalBlock(ord), OrdinalOffset(ord), k, rb);
-    if (st.ok()) st = TierRead(OrdinalBlock(ord), VOffset() + OrdinalOffset(ord), k + rb, rb);
-    if (!st.ok()) {
-      read_status.Update(st);
-      continue;
-    }
-    targets[ok++] = targets[i];
-  }
-  targets.resize(ok);
-  if (targets.empty()) return read_status.ok() ? absl::StatusOr<int>(0) : read_status;
-
-  // Staged tokens with the lowest accumulated attention make room.
-  std::vector<int32_t> free_slots;
-  const int64_t need = n_staged_ + static_cast<int64_t>(targets.size()) - staging_;
-  if (need > 0) {
-    std::vector<int32_t> staged(n_staged_);
-    for (int32_t i = 0; i < n_staged_; ++i) staged[i] = StagingSlot(i);
-    std::partial_sort(staged.begin(), staged.begin() + need, staged.end(), [&](int32_t a, int32_t b) {
+  if (targets.empty()) return 0;
+  if (targets.size() > free_slots.size()) {
+    const size_t need = targets.size() - free_slots.size();
+    std::partial_sort(installed.begin(), installed.begin() + need, installed.end(), [&](int32_t a, int32_t b) {
       return slot_score_[a] < slot_score_[b] || (slot_score_[a] == slot_score_[b] && slot_pos_[a] < slot_pos_[b]);
     });
-    std::vector<int32_t> victim_pos;
-    for (int64_t i = 0; i < need; ++i) {
-      victim_pos.push_back(slot_pos_[staged[i]]);
-      free_slots.push_back(staged[i]);
+    installed.resize(need);
+    if (absl::Status st = Unstage(installed); !st.ok()) return st;
+    free_slots.insert(free_slots.end(), installed.begin(), installed.end());
+  }
+  // One gather per block: its tokens' K and V rows into their slots.
+  std::vector<size_t> order(targets.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(),
+            [&](size_t a, size_t b) { return ordinal_[targets[a]] < ordinal_[targets[b]]; });
+  const int64_t rb = ctx_.row_bytes;
+  Pending p;
+  std::vector<GatherPart> parts;
+  size_t i = 0;
+  while (i < order.size()) {
+    const BlockStore::Ref block = OrdinalBlock(ordinal_[targets[order[i]]]);
+    GatherPart part{block, {}};
+    for (; i < order.size() && OrdinalBlock(ordinal_[targets[order[i]]]) == block; ++i) {
+      const int32_t pos = targets[order[i]];
+      const int32_t slot = free_slots[order[i]];
+      const uint32_t ord = ordinal_[pos];
+      part.rows.push_back(GatherRow{OrdinalOffset(ord), KSlot(slot), rb});
+      part.rows.push_back(GatherRow{VOffset() + OrdinalOffset(ord), VSlot(slot), rb});
+      stage_[slot - StagingSlot(0)] = Stage::kPending;
+      p.positions.push_back(pos);
+      p.slots.push_back(slot);
     }
-    SketchUpdateFromSlots(+1.0f, victim_pos, std::span<const int32_t>(free_slots));
-    for (int32_t s : free_slots) slot_pos_[s] = -1;
-    if (absl::Status st = VagueAppend(victim_pos); !st.ok()) return st;
+    ctx_.store->AddHeat(block, static_cast<float>(part.rows.size() / 2));
+    p.part_end.push_back(static_cast<int32_t>(p.positions.size()));
+    parts.push_back(std::move(part));
   }
-  while (free_slots.size() < targets.size()) free_slots.push_back(StagingSlot(n_staged_++));
-
-  std::vector<int32_t> slots(free_slots.begin(), free_slots.begin() + targets.size());
-  for (size_t i = 0; i < targets.size(); ++i) {
-    const char* k = data.data() + i * 2 * rb;
-    if (absl::Status st = ctx_.backend->Copy(KSlot(slots[i]), k, rb, CopyKind::kHostToDevice); !st.ok()) return st;
-    if (absl::Status st = ctx_.backend->Copy(VSlot(slots[i]), k + rb, rb, CopyKind::kHostToDevice); !st.ok())
-      return st;
-  }
-  SketchUpdateFromSlots(-1.0f, targets, slots);
-  for (size_t i = 0; i < targets.size(); ++i) {
-    if (absl::Status st = VagueRemove(targets[i]); !st.ok()) return st;
-    region_[targets[i]] = static_cast<uint8_t>(Region::kRecalled);
-    index_[targets[i]] = static_cast<uint32_t>(slots[i]);
-    slot_pos_[slots[i]] = targets[i];
-    slot_score_[slots[i]] = 0.0f;
-  }
-  if (!read_status.ok()) return read_status;
+  p.needed_at = attends_;
+  p.transfer = ctx_.store->Gather(std::move(parts));
+  pending_.push_back(std::move(p));
+  recall_.requested += static_cast<int64_t>(targets.size());
   return static_cast<int>(targets.size());
 }
 
-absl::StatusOr<std::vector<int64_t>> HeadCache::Rank(const void* q_group, int count) const {
-  if (!HasSketch()) return absl::FailedPreconditionError("ranking vague tokens needs a sketch (sketch_kind none)");
-  const int64_t n = static_cast<int64_t>(vague_.size());
-  std::vector<int64_t> out;
-  if (n == 0 || count <= 0) return out;
-  std::vector<uint32_t> buckets;
-  if (sketch_.kind == SketchKind::kCentroid) {
-    buckets.resize(n * sketch_.rows);
-    for (int64_t i = 0; i < n; ++i) {
-      std::copy_n(buckets_.begin() + static_cast<int64_t>(ordinal_[vague_[i]]) * sketch_.rows, sketch_.rows,
-                  buckets.begin() + i * sketch_.rows);
+absl::Status HeadCache::Install(Pending& p) {
+  for (int32_t pos : p.positions) in_flight_[pos] = 0;
+  // Parts that failed: their tokens stay vague (the store counted and logged
+  // the fault); the others are installed.
+  std::vector<int32_t> positions, slots;
+  int32_t begin = 0;
+  for (size_t part = 0; part < p.part_end.size(); ++part) {
+    const int32_t end = p.part_end[part];
+    const bool ok = p.transfer->part_status(static_cast<int>(part)).ok();
+    for (int32_t i = begin; i < end; ++i) {
+      if (ok) {
+        positions.push_back(p.positions[i]);
+        slots.push_back(p.slots[i]);
+      } else {
+        stage_[p.slots[i] - StagingSlot(0)] = Stage::kFree;
+        ++recall_.failed;
+      }
+    }
+    begin = end;
+  }
+  const int64_t n = static_cast<int64_t>(positions.size());
+  SketchUpdateFromSlots(-1.0f, positions, slots);
+  for (size_t i = 0; i < positions.size(); ++i) {
+    const int32_t pos = positions[i], slot = slots[i];
+    if (absl::Status st = VagueRemove(pos); !st.ok()) return st;
+    region_[pos] = static_cast<uint8_t>(Region::kRecalled);
+    index_[pos] = static_cast<uint32_t>(slot);
+    slot_pos_[slot] = pos;
+    slot_score_[slot] = 0.0f;
+    stage_[slot - StagingSlot(0)] = Stage::kInstalled;
+    installed_at_[slot - StagingSlot(0)] = attends_;
+    ++n_installed_;
+  }
+  if (p.fallback_counted) {
+    recall_.late_arrivals += n;
+  } else {
+    recall_.exact_hits += n;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status HeadCache::PollRecalls(absl::Duration wait) {
+  if (pending_.empty()) return absl::OkStatus();
+  if (wait > absl::ZeroDuration()) {
+    const absl::Time deadline = absl::Now() + wait;
+    bool waited = false;
+    for (Pending& p : pending_) {
+      if (p.transfer->Done()) continue;
+      waited = true;
+      if (!p.transfer->WaitFor(std::max(deadline - absl::Now(), absl::ZeroDuration()))) break;
+    }
+    if (waited) ++recall_.waits;
+  }
+  absl::Status result;
+  size_t kept = 0;
+  for (size_t i = 0; i < pending_.size(); ++i) {
+    Pending& p = pending_[i];
+    if (p.transfer->Done()) {
+      result.Update(Install(p));
+      continue;
+    }
+    if (!p.fallback_counted && attends_ >= p.needed_at) {
+      recall_.sketch_fallbacks += static_cast<int64_t>(p.positions.size());
+      p.fallback_counted = true;
+    }
+    if (kept != i) pending_[kept] = std::move(p);
+    ++kept;
+  }
+  pending_.resize(kept);
+  return result;
+}
+
+absl::StatusOr<int> HeadCache::Recall(std::span<const int64_t> positions) {
+  const size_t before = pending_.size();
+  absl::StatusOr<int> n = RequestRecall(positions, /*make_room=*/true);
+  if (!n.ok()) return n;
+  // Everything in flight lands now, earlier requests included.
+  absl::Status failed;
+  int installed = 0;
+  for (size_t i = 0; i < pending_.size(); ++i) {
+    const Pending& p = pending_[i];
+    p.transfer->Wait();
+    if (i < before) continue;
+    int32_t begin = 0;
+    for (size_t part = 0; part < p.part_end.size(); ++part) {
+      const absl::Status st = p.transfer->part_status(static_cast<int>(part));
+      if (st.ok()) {
+        installed += p.part_end[part] - begin;
+      } else {
+        failed.Update(st);
+      }
+      begin = p.part_end[part];
     }
   }
-  std::vector<float> scores(n);
-  kernels::SketchScoreParams p;
-  p.sketch = sketch_;
-  p.policy = ctx_.options->vague_policy;
-  p.group = ctx_.options->shape.group();
-  p.dtype = ctx_.options->shape.dtype;
-  p.scale = 1.0f;  // ranking is invariant to the logit scale
-  p.q = q_group;
-  p.n = static_cast<int32_t>(n);
-  p.ids = vague_.data();
-  p.buckets = buckets.empty() ? nullptr : buckets.data();
-  p.scores = scores.data();
-  ctx_.backend->kernels().SketchScores(p);
-  std::vector<int64_t> order(n);
-  std::iota(order.begin(), order.end(), 0);
-  const int64_t k = std::min<int64_t>(count, n);
-  std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
-    return scores[a] > scores[b] || (scores[a] == scores[b] && vague_[a] > vague_[b]);
-  });
-  for (int64_t i = 0; i < k; ++i) out.push_back(vague_[order[i]]);
+  if (absl::Status st = PollRecalls(absl::ZeroDuration()); !st.ok()) return st;
+  if (!failed.ok()) return failed;
+  return installed;
+}
+
+absl::StatusOr<std::vector<int64_t>> HeadCache::Rank(RecallProxy proxy, const void* q_group, int count) const {
+  std::vector<int64_t> out;
+  if (proxy == RecallProxy::kNone || count <= 0) return out;
+  if (proxy == RecallProxy::kSketch && !HasSketch()) {
+    return absl::FailedPreconditionError("ranking vague tokens by sketch score needs a sketch (sketch_kind none)");
+  }
+  if (proxy == RecallProxy::kBlockBounds && bounds_dev_ == nullptr) {
+    return absl::FailedPreconditionError("ranking by key bounds needs recall_proxy block-bounds in the options");
+  }
+  const ModelShape& sh = ctx_.options->shape;
+  // Sketch scores (the estimated logit) of tokens `ids`.
+  auto score_tokens = [&](const std::vector<uint32_t>& ids) {
+    const int64_t n = static_cast<int64_t>(ids.size());
+    std::vector<uint32_t> buckets;
+    if (sketch_.kind == SketchKind::kCentroid) {
+      buckets.resize(n * sketch_.rows);
+      for (int64_t i = 0; i < n; ++i) {
+        std::copy_n(buckets_.begin() + static_cast<int64_t>(ordinal_[ids[i]]) * sketch_.rows, sketch_.rows,
+                    buckets.begin() + i * sketch_.rows);
+      }
+    }
+    std::vector<float> scores(n);
+    kernels::SketchScoreParams p;
+    p.sketch = sketch_;
+    p.policy = ctx_.options->vague_policy;
+    p.group = sh.group();
+    p.dtype = sh.dtype;
+    p.scale = 1.0f;  // ranking is invariant to the logit scale
+    p.q = q_group;
+    p.n = static_cast<int32_t>(n);
+    p.ids = ids.data();
+    p.buckets = buckets.empty() ? nullptr : buckets.data();
+    p.scores = scores.data();
+    ctx_.backend->kernels().SketchScores(p);
+    return scores;
+  };
+  // Per class: one member scores for all, then members in class order.
+  std::vector<float> class_score;
+  if (by_class_) {
+    std::vector<uint32_t> reps;
+    std::vector<uint32_t> rep_class;
+    for (uint32_t c = 0; c < class_members_.size(); ++c) {
+      if (class_members_[c].empty()) continue;
+      reps.push_back(class_members_[c][0]);
+      rep_class.push_back(c);
+    }
+    const std::vector<float> s = score_tokens(reps);
+    class_score.assign(class_members_.size(), -INFINITY);
+    for (size_t i = 0; i < reps.size(); ++i) class_score[rep_class[i]] = s[i];
+  }
+  if (proxy == RecallProxy::kSketch && by_class_) {
+    std::vector<uint32_t> classes;
+    for (uint32_t c = 0; c < class_members_.size(); ++c) {
+      if (!class_members_[c].empty()) classes.push_back(c);
+    }
+    std::sort(classes.begin(), classes.end(), [&](uint32_t a, uint32_t b) {
+      return class_score[a] > class_score[b] || (class_score[a] == class_score[b] && a < b);
+    });
+    for (uint32_t c : classes) {
+      // The most recent first within a class.
+      std::vector<uint32_t> members = class_members_[c];
+      std::sort(members.begin(), members.end(), std::greater<>());
+      for (uint32_t pos : members) {
+        if (static_cast<int>(out.size()) == count) return out;
+        if (!in_flight_[pos]) out.push_back(pos);
+      }
+    }
+    return out;
+  }
+  std::vector<uint32_t> ids;  // vague tokens not in flight
+  for (uint32_t pos : vague_) {
+    if (!in_flight_[pos]) ids.push_back(pos);
+  }
+  const int64_t n = static_cast<int64_t>(ids.size());
+  if (n == 0) return out;
+  if (proxy == RecallProxy::kSketch) {
+    const std::vector<float> scores = score_tokens(ids);
+    std::vector<int64_t> order(n);
+    std::iota(order.begin(), order.end(), 0);
+    const int64_t k = std::min<int64_t>(count, n);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
+      return scores[a] > scores[b] || (scores[a] == scores[b] && ids[a] > ids[b]);
+    });
+    for (int64_t i = 0; i < k; ++i) out.push_back(ids[order[i]]);
+    return out;
+  }
+  // Key bounds: score every group written so far, take the vague tokens of
+  // the best groups.
+  const int64_t S = ctx_.plan->summary_tokens;
+  const int64_t groups = (static_cast<int64_t>(next_ordinal_) + S - 1) / S;
+  std::vector<float> scores(groups);
+  kernels::BoundScoreParams bp;
+  bp.head_dim = sh.head_dim;
+  bp.group = sh.group();
+  bp.dtype = sh.dtype;
+  bp.scale = 1.0f;
+  bp.q = q_group;
+  bp.bounds = bounds_dev_;
+  bp.n = static_cast<int32_t>(groups);
+  bp.scores = scores.data();
+  ctx_.backend->kernels().BoundScores(bp);
+  // Within a group (when the recall budget ends inside one), the sketch's
+  // order, else the most recent first.
+  std::vector<float> token_scores(n, 0.0f);
+  if (by_class_) {
+    for (int64_t i = 0; i < n; ++i) token_scores[i] = class_score[class_of_[ids[i]]];
+  } else if (HasSketch()) {
+    token_scores = score_tokens(ids);
+  }
+  std::vector<std::vector<std::pair<float, uint32_t>>> members(groups);
+  for (int64_t i = 0; i < n; ++i) members[ordinal_[ids[i]] / S].emplace_back(token_scores[i], ids[i]);
+  for (auto& m : members) std::sort(m.begin(), m.end(), std::greater<>());
+  std::vector<int64_t> order;
+  for (int64_t g = 0; g < groups; ++g) {
+    if (!members[g].empty()) order.push_back(g);
+  }
+  std::sort(order.begin(), order.end(),
+            [&](int64_t a, int64_t b) { return scores[a] > scores[b] || (scores[a] == scores[b] && a > b); });
+  for (int64_t g : order) {
+    for (const auto& [score, pos] : members[g]) {
+      if (static_cast<int>(out.size()) == count) return out;
+      out.push_back(pos);
+    }
+  }
   return out;
 }
 
@@ -535,8 +857,8 @@ absl::Status HeadCache::ReadToken(int64_t pos, void* k, void* v) const {
   const int64_t rb = ctx_.row_bytes;
   if (region(pos) == Region::kVague) {
     const uint32_t ord = ordinal_[pos];
-    if (absl::Status st = TierRead(OrdinalBlock(ord), OrdinalOffset(ord), k, rb); !st.ok()) return st;
-    return TierRead(OrdinalBlock(ord), VOffset() + OrdinalOffset(ord), v, rb);
+    if (absl::Status st = ctx_.store->Read(OrdinalBlock(ord), OrdinalOffset(ord), k, rb); !st.ok()) return st;
+    return ctx_.store->Read(OrdinalBlock(ord), VOffset() + OrdinalOffset(ord), v, rb);
   }
   const int32_t slot = static_cast<int32_t>(index_[pos]);
   if (absl::Status st = ctx_.backend->Copy(k, KSlot(slot), rb, CopyKind::kDeviceToHost); !st.ok()) return st;
@@ -594,8 +916,10 @@ absl::Status HeadCache::CheckInvariants() const {
         break;
       case Region::kRecalled:
         ++seen.recalled;
-        if (static_cast<int32_t>(idx) < StagingSlot(0) || static_cast<int32_t>(idx) >= StagingSlot(n_staged_))
-          return fail(absl::StrFormat("recalled token %d in slot %d", p, idx));
+        if (static_cast<int32_t>(idx) < StagingSlot(0) || static_cast<int32_t>(idx) >= StagingSlot(staging_) ||
+            stage_[idx - StagingSlot(0)] != Stage::kInstalled)
+          return fail(absl::StrFormat("recalled token %d in slot %d, which is not an installed staging slot", p, idx));
+        if (in_flight_[p]) return fail(absl::StrFormat("recalled token %d is also in flight", p));
         if (ordinal_[p] == kNoOrdinal) return fail(absl::StrFormat("recalled token %d has no host copy", p));
         break;
       case Region::kVague:
@@ -618,13 +942,31 @@ absl::Status HeadCache::CheckInvariants() const {
                                 seen.sink, want.sink, seen.recent, want.recent, seen.candidate, want.candidate,
                                 seen.recalled, want.recalled, seen.vague, want.vague));
   }
-  if (n_candidates_ > candidates_ || n_staged_ > staging_) return fail("candidate or staging count over capacity");
+  if (n_candidates_ > candidates_ || n_installed_ > staging_) return fail("candidate or staging count over capacity");
+  int64_t installed = 0, pending_slots = 0, in_flight = 0;
+  for (int32_t i = 0; i < staging_; ++i) {
+    installed += stage_[i] == Stage::kInstalled;
+    pending_slots += stage_[i] == Stage::kPending;
+    if (stage_[i] != Stage::kInstalled && slot_pos_[StagingSlot(i)] >= 0)
+      return fail(absl::StrFormat("staging slot %d is not installed but holds token %d", i, slot_pos_[StagingSlot(i)]));
+  }
+  for (uint8_t f : in_flight_) in_flight += f;
+  if (installed != n_installed_) return fail(absl::StrFormat("%d installed slots, count %d", installed, n_installed_));
+  if (pending_slots != pending_tokens() || in_flight != pending_tokens())
+    return fail(absl::StrFormat("%d pending slots and %d tokens in flight for %d pending recalls", pending_slots,
+                                in_flight, pending_tokens()));
+  for (const Pending& pr : pending_) {
+    for (int32_t pos : pr.positions) {
+      if (region(pos) != Region::kVague || !in_flight_[pos])
+        return fail(absl::StrFormat("token %d is pending but %s", pos, RegionName(region(pos))));
+    }
+  }
   int64_t occupied = 0;
   for (int32_t pos : slot_pos_) occupied += pos >= 0;
   if (occupied != want.resident()) return fail(absl::StrFormat("%d slots occupied for %d resident tokens", occupied, want.resident()));
   const int64_t b = ctx_.plan->block_tokens;
   if (static_cast<int64_t>(blocks_.size()) != (next_ordinal_ + b - 1) / b)
-    return fail(absl::StrFormat("%d host blocks for %d ordinals", blocks_.size(), next_ordinal_));
+    return fail(absl::StrFormat("%d blocks for %d ordinals", blocks_.size(), next_ordinal_));
   if (HasSketch()) {
     std::vector<float> totals(2 * sketch_.head_dim + 2);
     std::vector<float> counts(2LL * sketch_.rows * sketch_.width);

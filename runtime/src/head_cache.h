@@ -1,27 +1,37 @@
 // HeadCache: the tokens of one (sequence, layer, KV head) — regions, slots,
-// sketch and host-tier blocks. Internal to the runtime.
+// sketch, key bounds, blocks in the block store and recalls in flight.
+// Internal to the runtime.
 //
 // Plan, then run: PlanAppend decides where every token goes without touching
 // anything; ApplyAppend carries the plan out through the backend (slot copies,
-// sketch updates) and the tier (exact K/V of vague tokens). Host-side state
-// (regions, slot maps, scores, the vague list) is the truth; device memory
-// holds K/V slots, the sketch and, for multi-row Count-Sketch, a mirror of the
-// vague list. Not thread-safe: the owning sequence serialises calls; distinct
-// HeadCaches may be used concurrently.
+// sketch updates) and the block store (exact K/V of vague tokens). Host-side
+// state (regions, slot maps, scores, the vague list) is the truth; device
+// memory holds K/V slots, the sketch, key bounds and, for multi-row
+// Count-Sketch, a mirror of the vague list.
+//
+// Recall is asynchronous: RequestRecall reserves staging slots (sending their
+// lowest-scored tokens back to the sketch) and asks the block store to copy
+// the tokens' exact K/V into them; until PollRecalls installs a completed
+// transfer, the tokens stay vague and attention uses the sketch for them.
+//
+// Not thread-safe: the owning sequence serialises calls; distinct HeadCaches
+// may be used concurrently.
 #ifndef KVTIER_RUNTIME_SRC_HEAD_CACHE_H_
 #define KVTIER_RUNTIME_SRC_HEAD_CACHE_H_
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "head_layout.h"
 #include "kvtier/backend.h"
 #include "kvtier/budget.h"
 #include "kvtier/kernels/params.h"
-#include "kvtier/offload/host_tier.h"
+#include "kvtier/offload/block_store.h"
 #include "kvtier/options.h"
 #include "kvtier/stats.h"
 
@@ -33,7 +43,7 @@ struct HeadContext {
   const BudgetPlan* plan = nullptr;
   HeadLayout layout;
   Backend* backend = nullptr;
-  HostTier* tier = nullptr;
+  BlockStore* store = nullptr;
   const float* planes = nullptr;  // [device] SimHash planes, centroid sketch only
   int64_t row_bytes = 0;          // one K (or V) row: head_dim * dtype size
 };
@@ -53,14 +63,15 @@ class HeadCache {
   HeadCache(const HeadCache&) = delete;
   HeadCache& operator=(const HeadCache&) = delete;
 
-  // Zeroes the device state (sketch, slot scores). Called once before use.
+  // Zeroes the device state (sketch, slot scores, key bounds). Called once before use.
   absl::Status Init();
-  // Returns every host-tier block.
+  // Waits for recalls in flight, then deletes every block.
   absl::Status Release();
 
   int64_t length() const { return static_cast<int64_t>(region_.size()); }
   int64_t blocks() const { return static_cast<int64_t>(blocks_.size()); }
   RegionCounts regions() const;
+  const RecallStats& recall_stats() const { return recall_; }
 
   // ---- Append ----
   struct Move {
@@ -73,25 +84,41 @@ class HeadCache {
   struct AppendPlan {
     int64_t n = 0;
     std::vector<Move> to_slot;   // into sink, ring or candidate slots
-    std::vector<Move> to_vague;  // out of the device: sketch + host tier
+    std::vector<Move> to_vague;  // out of the device: sketch + block store
     int32_t candidates_after = 0;
   };
   void PlanAppend(int64_t n, const AppendSource& src, AppendPlan& plan) const;
-  // Host-tier blocks ApplyAppend will need beyond those held.
+  // Blocks ApplyAppend will need beyond those held.
   int64_t BlocksNeeded(const AppendPlan& plan) const;
-  // Carries out the plan with `blocks` (BlocksNeeded of them, already allocated).
-  absl::Status ApplyAppend(const AppendPlan& plan, const AppendSource& src, std::span<const BlockId> blocks);
+  // Carries out the plan with `blocks` (BlocksNeeded of them, already created).
+  absl::Status ApplyAppend(const AppendPlan& plan, const AppendSource& src,
+                           std::span<const BlockStore::Ref> blocks);
 
   // ---- Attend ----
   // Fills the head's part of the kernel parameters (slots, sketch, ranges).
-  void FillAttend(kernels::AttendParams& p) const;
+  // The ranges live in the HeadCache until the next FillAttend.
+  void FillAttend(kernels::AttendParams& p);
   // Adds the step's slot probabilities to the accumulated scores.
   absl::Status AfterAttend();
   AttendCounts Served() const;
 
   // ---- Recall ----
+  // Asks for the exact K/V of the vague tokens at `positions` (those not
+  // already requested); they are needed from the next attend on. Room in
+  // staging: free slots, then installed tokens by lowest accumulated score —
+  // with make_room false (the automatic recall), only installed tokens that
+  // the last attend used less than a uniform share of attention, so the
+  // tokens attention keeps using stay. Returns how many were requested.
+  absl::StatusOr<int> RequestRecall(std::span<const int64_t> positions, bool make_room);
+  // Installs every completed recall; waits up to `wait` for the rest.
+  absl::Status PollRecalls(absl::Duration wait);
+  // RequestRecall, then wait for those transfers and install them. Returns
+  // how many were installed.
   absl::StatusOr<int> Recall(std::span<const int64_t> positions);
-  absl::StatusOr<std::vector<int64_t>> Rank(const void* q_group, int count) const;
+  // The `count` vague tokens not in flight that `proxy` ranks highest for
+  // the query group, best first.
+  absl::StatusOr<std::vector<int64_t>> Rank(RecallProxy proxy, const void* q_group, int count) const;
+  int64_t pending_tokens() const;
 
   // ---- Introspection ----
   Region region(int64_t pos) const { return static_cast<Region>(region_[pos]); }
@@ -101,6 +128,18 @@ class HeadCache {
 
  private:
   static constexpr uint32_t kNoOrdinal = 0xffffffffu;
+  enum class Stage : uint8_t { kFree, kPending, kInstalled };
+
+  // A recall in flight: tokens on their way into staging slots, one
+  // transfer part per block.
+  struct Pending {
+    std::shared_ptr<Transfer> transfer;
+    std::vector<int32_t> positions;  // all parts, in part order
+    std::vector<int32_t> slots;
+    std::vector<int32_t> part_end;   // part i covers [part_end[i-1], part_end[i])
+    int64_t needed_at = 0;           // the attend (attends_ value) that wanted them
+    bool fallback_counted = false;
+  };
 
   int32_t RingSlot(int64_t pos) const { return sink_ + static_cast<int32_t>((pos - sink_) % recent_); }
   int32_t CandidateSlot(int32_t i) const { return sink_ + recent_ + i; }
@@ -109,13 +148,15 @@ class HeadCache {
   char* VSlot(int32_t slot) const { return v_slots_ + slot * ctx_.row_bytes; }
   bool HasSketch() const { return sketch_.kind != SketchKind::kNone; }
   bool MirrorsVagueIds() const { return vague_ids_dev_ != nullptr; }
+  int block_tokens() const { return ctx_.plan->block_tokens; }
 
-  // Host-tier location of an ordinal: (block, byte offset of K; V follows B rows later).
-  BlockId OrdinalBlock(uint32_t ordinal) const { return blocks_[ordinal / ctx_.plan->block_tokens]; }
+  // Block-store location of an ordinal: block and byte offset of its K row
+  // (its V row follows block_tokens rows later).
+  BlockStore::Ref OrdinalBlock(uint32_t ordinal) const { return blocks_[ordinal / block_tokens()]; }
   int64_t OrdinalOffset(uint32_t ordinal) const {
-    return static_cast<int64_t>(ordinal % ctx_.plan->block_tokens) * ctx_.row_bytes;
+    return static_cast<int64_t>(ordinal % block_tokens()) * ctx_.row_bytes;
   }
-  int64_t VOffset() const { return static_cast<int64_t>(ctx_.plan->block_tokens) * ctx_.row_bytes; }
+  int64_t VOffset() const { return static_cast<int64_t>(block_tokens()) * ctx_.row_bytes; }
 
   // Sketch update of tokens at `positions`, data read from `slots` (or, with
   // slots empty, caller rows `rows` of src).
@@ -127,12 +168,15 @@ class HeadCache {
   // Vague-list maintenance (host truth and device mirror).
   absl::Status VagueAppend(std::span<const int32_t> positions);
   absl::Status VagueRemove(int32_t pos);
-  // Writes exact K/V of first-time vague tokens to the host tier.
-  absl::Status WriteToTier(std::span<const Move> moves, const AppendSource& src);
+  uint32_t ClassOf(int32_t pos) const;  // by_class_ only, for a token in the sketch
+  // Writes the exact K/V of first-time vague tokens to their blocks, seals
+  // full blocks, and widens the key bounds.
+  absl::Status WriteToStore(std::span<const Move> moves, const AppendSource& src);
   const void* HostView(const char* device, int64_t bytes, std::vector<char>& bounce) const;
-  // Copies between host memory and [offset, offset + bytes) of a host-tier block.
-  absl::Status TierWrite(BlockId block, int64_t offset, const void* src, int64_t bytes) const;
-  absl::Status TierRead(BlockId block, int64_t offset, void* dst, int64_t bytes) const;
+  // Staged tokens back to the sketch (their slots become free).
+  absl::Status Unstage(std::span<const int32_t> slots);
+  // Installs a completed recall (or releases its slots on failure).
+  absl::Status Install(Pending& p);
 
   const HeadContext& ctx_;
   const int layer_;
@@ -144,6 +188,7 @@ class HeadCache {
   char* v_slots_;
   float* slot_probs_;
   uint32_t* vague_ids_dev_;
+  char* bounds_dev_;  // [summary_groups][2][head_dim] model dtype, or null
   kernels::SketchState sketch_;
 
   // Host truth.
@@ -151,14 +196,30 @@ class HeadCache {
   std::vector<float> slot_score_;   // [slots] accumulated attention
   std::vector<float> probs_host_;   // [slots] this step's probabilities
   int32_t n_candidates_ = 0;        // candidate slots [0, n) are used
-  int32_t n_staged_ = 0;            // staging slots [0, n) are used
+  std::vector<Stage> stage_;        // [staging] state of each staging slot
+  std::vector<int64_t> installed_at_;  // [staging] attends_ when installed
+  int32_t n_installed_ = 0;
   std::vector<uint8_t> region_;     // [length] Region
+  std::vector<uint8_t> in_flight_;  // [length] 1 while a recall of the token is pending
   std::vector<uint32_t> index_;     // [length] slot (resident) or index in vague_ (vague)
-  std::vector<uint32_t> ordinal_;   // [length] host-tier ordinal, kNoOrdinal before first vague
+  std::vector<uint32_t> ordinal_;   // [length] block-store ordinal, kNoOrdinal before first vague
   std::vector<uint32_t> vague_;     // sketched token positions
+  // One-row sketches give every vague token of a class (Count-Sketch: bucket
+  // and sign; centroid: bucket) the same score: rank classes, not tokens.
+  bool by_class_ = false;
+  std::vector<std::vector<uint32_t>> class_members_;  // [class] vague positions
+  std::vector<uint32_t> class_of_;  // [length] class of a vague token
+  std::vector<uint32_t> in_class_;  // [length] its index in class_members_
   std::vector<uint32_t> buckets_;   // [ordinal][rows] centroid buckets of sketched tokens
-  std::vector<BlockId> blocks_;     // host-tier blocks in ordinal order
+  std::vector<BlockStore::Ref> blocks_;  // blocks in ordinal order
+  int64_t sealed_ = 0;              // blocks_[0, sealed_) are sealed
   uint32_t next_ordinal_ = 0;
+  std::vector<float> bounds_host_;  // [summary_groups][2][head_dim] fp32 mirror of the key bounds
+  std::vector<Pending> pending_;
+  std::vector<kernels::SlotRange> ranges_;
+  int64_t attends_ = 0;             // attends run so far
+  int64_t last_resident_ = 0;       // tokens the last attend saw exactly
+  RecallStats recall_;
 };
 
 }  // namespace kvtier

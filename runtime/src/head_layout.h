@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "kvtier/budget.h"
 #include "kvtier/options.h"
 
 namespace kvtier {
@@ -20,11 +21,14 @@ struct HeadLayout {
   int64_t slot_probs = -1; // [slots] fp32; compressed plans only (nothing is evicted otherwise)
   int64_t vague_ids = -1;  // [max_context] uint32; Count-Sketch with rows >= 2 only
   int64_t sketch = -1;     // kernels::SketchState arrays (fp32); -1 without a sketch
+  int64_t summary = -1;    // [summary_groups][2][head_dim] model dtype key bounds; -1 without
   int64_t bytes = 0;       // size of the chunk (a multiple of 64)
 };
 
-HeadLayout ComputeHeadLayout(const ModelShape& shape, int64_t max_context, bool compressed, int slots,
-                             SketchKind kind, int rows, int width);
+HeadLayout ComputeHeadLayout(const ModelShape& shape, int64_t max_context, const BudgetPlan& plan);
+
+// Device bytes of `groups` key-bounds summaries (min and max rows of head_dim).
+int64_t SummaryBytes(const ModelShape& shape, int64_t groups);
 
 }  // namespace kvtier
 

@@ -25,6 +25,15 @@ std::string_view VaguePolicyName(VaguePolicy p) {
   return "?";
 }
 
+std::string_view RecallProxyName(RecallProxy p) {
+  switch (p) {
+    case RecallProxy::kNone: return "none";
+    case RecallProxy::kSketch: return "sketch";
+    case RecallProxy::kBlockBounds: return "block-bounds";
+  }
+  return "?";
+}
+
 std::string_view BackendKindName(BackendKind b) {
   switch (b) {
     case BackendKind::kAuto: return "auto";
@@ -114,6 +123,44 @@ absl::Status Options::Validate() const {
     }
   }
   if (host_tier_bytes < 0) return Bad("host_tier_bytes", ">= 0", absl::StrCat(host_tier_bytes));
+  if (recall_proxy != RecallProxy::kNone && recall_proxy != RecallProxy::kSketch &&
+      recall_proxy != RecallProxy::kBlockBounds) {
+    return Bad("recall_proxy", "none, sketch or block-bounds", absl::StrCat(int(recall_proxy)));
+  }
+  if (recall_proxy == RecallProxy::kSketch && sketch_kind == SketchKind::kNone && recall_tokens > 0) {
+    return Bad("recall_proxy", "none or block-bounds when sketch_kind is none and recall_tokens > 0", "sketch");
+  }
+  if (recall_tokens < -1) return Bad("recall_tokens", "-1 (derived) or >= 0", absl::StrCat(recall_tokens));
+  if (recall_wait_us < 0 || recall_wait_us > 10'000'000) {
+    return Bad("recall_wait_us", "in [0, 10^7]", absl::StrCat(recall_wait_us));
+  }
+  if (summary_tokens < 0) return Bad("summary_tokens", "0 (derived) or a multiple of the block size", absl::StrCat(summary_tokens));
+  if (!(std::isfinite(summary_share) && summary_share > 0.0 && summary_share < 1.0)) {
+    return Bad("summary_share", "in (0, 1)", absl::StrCat(summary_share));
+  }
+  if (disk_tier != nullptr) {
+    if (!nvme_dir.empty()) return Bad("disk_tier", "null when nvme_dir is set", "a tier");
+    if (host_tier_bytes <= 0) {
+      return Bad("host_tier_bytes", "> 0 with a disk tier (blocks move down when the host tier fills)",
+                 absl::StrCat(host_tier_bytes));
+    }
+  }
+  if (!nvme_dir.empty()) {
+    if (nvme_bytes <= 0) return Bad("nvme_bytes", "> 0 with nvme_dir", absl::StrCat(nvme_bytes));
+    if (host_tier_bytes <= 0) {
+      return Bad("host_tier_bytes", "> 0 with nvme_dir (blocks move to disk when the host tier fills)",
+                 absl::StrCat(host_tier_bytes));
+    }
+  } else if (nvme_bytes != 0) {
+    return Bad("nvme_bytes", "0 without nvme_dir", absl::StrCat(nvme_bytes));
+  }
+  if (io_queue_depth < 1 || io_queue_depth > 4096) {
+    return Bad("io_queue_depth", "in [1, 4096]", absl::StrCat(io_queue_depth));
+  }
+  if (!(std::isfinite(demote_low) && std::isfinite(demote_high) && demote_low > 0 && demote_low <= demote_high &&
+        demote_high <= 1.0)) {
+    return Bad("demote_low/demote_high", "0 < low <= high <= 1", absl::StrFormat("%g and %g", demote_low, demote_high));
+  }
   if (backend != BackendKind::kAuto && backend != BackendKind::kCpu && backend != BackendKind::kCuda) {
     return Bad("backend", "auto, cpu or cuda", absl::StrCat(int(backend)));
   }

@@ -16,7 +16,9 @@
 #include "kvtier/allocator/device_arena.h"
 #include "kvtier/backend.h"
 #include "kvtier/kernels/hash.h"
+#include "kvtier/offload/block_store.h"
 #include "kvtier/offload/host_tier.h"
+#include "kvtier/offload/nvme_tier.h"
 #include "oneapi/tbb/parallel_for.h"
 
 namespace kvtier {
@@ -58,7 +60,9 @@ class Runtime::Impl {
   BudgetPlan plan;
   std::unique_ptr<Backend> backend;
   std::unique_ptr<DeviceArena> arena;
-  std::unique_ptr<HostTier> tier;
+  std::unique_ptr<HostTier> host_tier;
+  std::shared_ptr<Tier> disk_tier;      // the caller's, the NVMe tier, or null
+  std::unique_ptr<BlockStore> store;    // declared after the tiers: destroyed before them
   HeadContext ctx;
   float scale = 1.0f;
 
@@ -68,6 +72,8 @@ class Runtime::Impl {
   std::atomic<int64_t> attends{0};
   std::atomic<int64_t> exact{0}, from_sketch{0}, dropped{0};
   std::atomic<int64_t> appended{0}, recalled{0};
+  mutable std::mutex retired_mu;
+  RecallStats retired_recall;  // of removed sequences
 
   int heads_per_layer() const { return options.shape.kv_heads; }
   int64_t q_row_bytes() const { return options.shape.head_dim * static_cast<int64_t>(DTypeSize(options.shape.dtype)); }
@@ -122,6 +128,11 @@ class Runtime::Impl {
           absl::StrFormat("position %d is outside [0, %d) of layer %d", position, head.length(), layer));
     }
     return absl::OkStatus();
+  }
+
+  // The proxy of RankVague / RecallTop: the configured one, else the sketch.
+  RecallProxy RankingProxy() const {
+    return options.recall_proxy == RecallProxy::kNone ? RecallProxy::kSketch : options.recall_proxy;
   }
 
   // The query heads of one KV head in q ([q_heads][head_dim]).
@@ -205,8 +216,7 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const Options& options)
   impl->backend = std::move(*backend);
 
   const ModelShape& sh = options.shape;
-  const HeadLayout layout = ComputeHeadLayout(sh, options.max_context, plan->compressed, plan->slots(),
-                                              plan->sketch_kind, plan->sketch_rows, plan->sketch_width);
+  const HeadLayout layout = ComputeHeadLayout(sh, options.max_context, *plan);
   absl::StatusOr<std::unique_ptr<DeviceArena>> arena = DeviceArena::Create(
       *impl->backend, {.prefix_bytes = plan->shared_bytes,
                        .chunk_bytes = plan->per_sequence_bytes,
@@ -215,10 +225,38 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const Options& options)
   impl->arena = std::move(*arena);
 
   const int64_t row_bytes = sh.head_dim * static_cast<int64_t>(DTypeSize(sh.dtype));
-  absl::StatusOr<std::unique_ptr<HostTier>> tier = HostTier::Create(
-      *impl->backend, {.block_bytes = plan->block_tokens * sh.HeadTokenBytes(), .capacity_bytes = options.host_tier_bytes});
-  if (!tier.ok()) return tier.status();
-  impl->tier = std::move(*tier);
+  const int64_t block_bytes = plan->block_tokens * sh.HeadTokenBytes();
+  absl::StatusOr<std::unique_ptr<HostTier>> host =
+      HostTier::Create(*impl->backend, {.block_bytes = block_bytes, .capacity_bytes = options.host_tier_bytes});
+  if (!host.ok()) return host.status();
+  impl->host_tier = std::move(*host);
+  BlockStore::Options store_options;
+  store_options.high_watermark = options.demote_high;
+  store_options.low_watermark = options.demote_low;
+  if (options.disk_tier != nullptr) {
+    if (options.disk_tier->block_bytes() != block_bytes) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "options.disk_tier has blocks of %d bytes; the plan's blocks are %d tokens x %d bytes = %d",
+          options.disk_tier->block_bytes(), plan->block_tokens, sh.HeadTokenBytes(), block_bytes));
+    }
+    impl->disk_tier = options.disk_tier;
+  } else if (!options.nvme_dir.empty()) {
+    absl::StatusOr<std::unique_ptr<NvmeTier>> disk =
+        NvmeTier::Create({.directory = options.nvme_dir,
+                          .capacity_bytes = options.nvme_bytes,
+                          .block_bytes = block_bytes,
+                          .queue_depth = options.io_queue_depth});
+    if (!disk.ok()) return disk.status();
+    // Host chunks become io_uring fixed buffers as the pool grows.
+    store_options.on_new_host_chunk = [nvme = disk->get()](char* base, int64_t bytes) {
+      nvme->RegisterBuffer(base, bytes).IgnoreError();  // unregistered buffers still work, unfixed
+    };
+    impl->disk_tier = std::move(*disk);
+  }
+  absl::StatusOr<std::unique_ptr<BlockStore>> store =
+      BlockStore::Create(*impl->host_tier, impl->disk_tier.get(), *impl->backend, store_options);
+  if (!store.ok()) return store.status();
+  impl->store = std::move(*store);
 
   if (plan->sketch_kind == SketchKind::kCentroid && plan->compressed) {
     const int bits = std::countr_zero(static_cast<unsigned>(plan->sketch_width));
@@ -233,7 +271,7 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const Options& options)
   }
   impl->ctx.layout = layout;
   impl->ctx.backend = impl->backend.get();
-  impl->ctx.tier = impl->tier.get();
+  impl->ctx.store = impl->store.get();
   impl->ctx.row_bytes = row_bytes;
   impl->scale = options.attention_scale > 0 ? static_cast<float>(options.attention_scale)
                                             : 1.0f / std::sqrt(static_cast<float>(sh.head_dim));
@@ -289,6 +327,10 @@ absl::Status Runtime::RemoveSequence(SequenceId id) {
   std::unique_lock lock(seq->mu);
   seq->removed = true;
   absl::Status result;
+  {
+    std::lock_guard stats_lock(impl_->retired_mu);
+    for (auto& head : seq->heads) impl_->retired_recall += head->recall_stats();
+  }
   for (auto& head : seq->heads) result.Update(head->Release());
   seq->heads.clear();
   result.Update(impl_->arena->FreeChunk(seq->chunk));
@@ -349,12 +391,12 @@ absl::Status Runtime::Append(SequenceId id, int layer, const void* k, const void
     I.Head(s, layer, h).PlanAppend(n, sources[h], plans[h]);
     first_block[h + 1] = first_block[h] + I.Head(s, layer, h).BlocksNeeded(plans[h]);
   }
-  std::vector<BlockId> blocks;
+  std::vector<BlockStore::Ref> blocks;
   blocks.reserve(first_block[H]);
   for (int64_t i = 0; i < first_block[H]; ++i) {
-    absl::StatusOr<BlockId> b = I.tier->Allocate();
+    absl::StatusOr<BlockStore::Ref> b = I.store->CreateBlock();
     if (!b.ok()) {
-      for (BlockId got : blocks) I.tier->Free(got).IgnoreError();
+      for (BlockStore::Ref got : blocks) I.store->Delete(got).IgnoreError();
       return absl::ResourceExhaustedError(
           absl::StrFormat("appending %d tokens to layer %d of sequence %d needs %d host-tier blocks: %s", n, layer,
                           id, first_block[H], b.status().message()));
@@ -365,7 +407,7 @@ absl::Status Runtime::Append(SequenceId id, int layer, const void* k, const void
   auto apply = [&](int h) {
     results[h] = I.Head(s, layer, h).ApplyAppend(
         plans[h], sources[h],
-        std::span<const BlockId>(blocks.data() + first_block[h], first_block[h + 1] - first_block[h]));
+        std::span<const BlockStore::Ref>(blocks.data() + first_block[h], first_block[h + 1] - first_block[h]));
   };
   if (n == 1 || H == 1) {
     for (int h = 0; h < H; ++h) apply(h);
@@ -421,6 +463,14 @@ absl::StatusOr<AttendCounts> Runtime::AttendBatch(int layer, absl::Span<const At
   }
 
   const int H = sh.kv_heads;
+  // Recalls that arrived become exact for this step (waiting up to the
+  // budget); the rest of the vague tokens come from the sketch.
+  const absl::Duration wait = absl::Microseconds(I.options.recall_wait_us);
+  for (size_t i = 0; i < items.size(); ++i) {
+    for (int h = 0; h < H; ++h) {
+      if (absl::Status st = I.Head(*held[i].seq, layer, h).PollRecalls(wait); !st.ok()) return st;
+    }
+  }
   std::vector<kernels::AttendParams> params(items.size() * H);
   for (size_t i = 0; i < items.size(); ++i) {
     for (int h = 0; h < H; ++h) {
@@ -433,6 +483,18 @@ absl::StatusOr<AttendCounts> Runtime::AttendBatch(int layer, absl::Span<const At
     absl::StatusOr<AttendCounts> c = I.FinishAttend(*held[i].seq, layer);
     if (!c.ok()) return c.status();
     total += *c;
+  }
+  // Ask for what this step's query ranks highest, for the next step.
+  if (I.plan.recall_tokens > 0) {
+    for (size_t i = 0; i < items.size(); ++i) {
+      for (int h = 0; h < H; ++h) {
+        HeadCache& head = I.Head(*held[i].seq, layer, h);
+        absl::StatusOr<std::vector<int64_t>> top =
+            head.Rank(I.options.recall_proxy, I.QueryGroup(items[i].q, h), I.plan.recall_tokens);
+        if (!top.ok()) return top.status();
+        if (absl::StatusOr<int> n = head.RequestRecall(*top, /*make_room=*/false); !n.ok()) return n.status();
+      }
+    }
   }
   return total;
 }
@@ -455,7 +517,7 @@ absl::StatusOr<std::vector<int64_t>> Runtime::RankVague(SequenceId id, int layer
   if (absl::Status st = I.CheckQuery(q); !st.ok()) return st;
   absl::StatusOr<Impl::Locked> locked = I.Acquire(id);
   if (!locked.ok()) return locked.status();
-  return I.Head(*locked->seq, layer, kv_head).Rank(I.QueryGroup(q, kv_head), count);
+  return I.Head(*locked->seq, layer, kv_head).Rank(I.RankingProxy(), I.QueryGroup(q, kv_head), count);
 }
 
 absl::StatusOr<int64_t> Runtime::RecallTop(SequenceId id, int layer, const void* q, int per_head) {
@@ -467,7 +529,7 @@ absl::StatusOr<int64_t> Runtime::RecallTop(SequenceId id, int layer, const void*
   int64_t total = 0;
   for (int h = 0; h < I.options.shape.kv_heads; ++h) {
     HeadCache& head = I.Head(*locked->seq, layer, h);
-    absl::StatusOr<std::vector<int64_t>> top = head.Rank(I.QueryGroup(q, h), per_head);
+    absl::StatusOr<std::vector<int64_t>> top = head.Rank(I.RankingProxy(), I.QueryGroup(q, h), per_head);
     if (!top.ok()) return top.status();
     if (top->empty()) continue;
     absl::StatusOr<int> n = head.Recall(*top);
@@ -530,14 +592,23 @@ RuntimeStats Runtime::Stats() const {
     std::unique_lock lock(seq->mu);
     if (seq->removed) continue;
     ++st.sequences;
-    for (const auto& head : seq->heads) st.regions += head->regions();
+    for (const auto& head : seq->heads) {
+      st.regions += head->regions();
+      st.recall += head->recall_stats();
+    }
   }
   const ModelShape& sh = I.options.shape;
   st.device_budget_bytes = I.plan.budget_bytes;
   st.device_reserved = I.plan.per_head * (static_cast<int64_t>(sh.layers) * sh.kv_heads * st.sequences);
   st.device_reserved.metadata += I.plan.shared_bytes;
   st.peak_device_bytes = I.arena->peak_bytes_in_use();
-  st.host_tier = I.tier->Stats();
+  {
+    std::lock_guard stats_lock(I.retired_mu);
+    st.recall += I.retired_recall;
+  }
+  st.host_tier = I.store->HostStats();
+  st.disk_tier = I.store->DiskStats();
+  st.store = I.store->Stats();
   st.attends = I.attends.load(std::memory_order_relaxed);
   st.served.exact = I.exact.load(std::memory_order_relaxed);
   st.served.from_sketch = I.from_sketch.load(std::memory_order_relaxed);
@@ -568,10 +639,9 @@ absl::Status Runtime::CheckInvariants() const {
     }
     for (const auto& head : seq->heads) blocks += head->blocks();
   }
-  const TierStats tier = I.tier->Stats();
-  if (tier.blocks_in_use != blocks) {
-    return absl::InternalError(
-        absl::StrFormat("host tier has %d blocks in use, sequences hold %d", tier.blocks_in_use, blocks));
+  const StoreStats store = I.store->Stats();
+  if (store.blocks != blocks) {
+    return absl::InternalError(absl::StrFormat("the block store holds %d blocks, sequences %d", store.blocks, blocks));
   }
   const int64_t device = I.arena->bytes_in_use();
   if (device > I.plan.budget_bytes) {

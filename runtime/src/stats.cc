@@ -30,23 +30,35 @@ DeviceBytes& DeviceBytes::operator+=(const DeviceBytes& o) {
   candidate += o.candidate;
   staging += o.staging;
   sketch += o.sketch;
+  summary += o.summary;
   metadata += o.metadata;
   return *this;
 }
 
 DeviceBytes DeviceBytes::operator*(int64_t k) const {
-  return DeviceBytes{sink * k, recent * k, candidate * k, staging * k, sketch * k, metadata * k};
+  return DeviceBytes{sink * k, recent * k, candidate * k, staging * k, sketch * k, summary * k, metadata * k};
 }
 
 std::string DeviceBytes::ToString() const {
-  return absl::StrFormat("sink %d, recent %d, candidate %d, staging %d, sketch %d, metadata %d = %d bytes", sink,
-                         recent, candidate, staging, sketch, metadata, total());
+  return absl::StrFormat("sink %d, recent %d, candidate %d, staging %d, sketch %d, summary %d, metadata %d = %d bytes",
+                         sink, recent, candidate, staging, sketch, summary, metadata, total());
 }
 
 AttendCounts& AttendCounts::operator+=(const AttendCounts& o) {
   exact += o.exact;
   from_sketch += o.from_sketch;
   dropped += o.dropped;
+  return *this;
+}
+
+RecallStats& RecallStats::operator+=(const RecallStats& o) {
+  requested += o.requested;
+  exact_hits += o.exact_hits;
+  sketch_fallbacks += o.sketch_fallbacks;
+  late_arrivals += o.late_arrivals;
+  wasted_prefetches += o.wasted_prefetches;
+  failed += o.failed;
+  waits += o.waits;
   return *this;
 }
 

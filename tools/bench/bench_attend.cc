@@ -288,6 +288,7 @@ struct VagueFixture {
   std::vector<std::vector<uint16_t>> kslot, vslot;  // [head][n_vague][head_dim] f16
   std::vector<double> ref_vague;                    // [q_heads][head_dim]
   std::vector<kernels::AttendParams> exact;         // [head]
+  kernels::SlotRange exact_range;                   // every slot
   Tensor exact_out{DType::kF16, kQHeads * kHeadDim};
   double exact_err = 0;
   SketchSet r1, r2;
@@ -427,12 +428,13 @@ const VagueFixture& GetVague(int64_t T) {
   }
 
   // The same tokens as resident slots: exact attention through the kernel.
+  vf->exact_range = kernels::SlotRange{0, vf->n_vague};
   vf->exact.resize(kKvHeads);
   for (int h = 0; h < kKvHeads; ++h) {
     kernels::AttendParams p = BaseParams(data, h, vf->exact_out.data());
     p.k_slots = vf->kslot[h].data();
     p.v_slots = vf->vslot[h].data();
-    p.ranges[0] = kernels::SlotRange{0, vf->n_vague};
+    p.ranges = &vf->exact_range;
     p.num_ranges = 1;
     vf->exact[h] = p;  // sketch kind kNone, policy kDrop: no vague side
   }

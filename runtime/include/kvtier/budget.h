@@ -32,6 +32,12 @@ struct BudgetPlan {
   bool compressed = true;
   // Tokens per host-tier block (Options::block_tokens, or derived).
   int block_tokens = 0;
+  // Vague tokens requested per KV head after each attend (0: no automatic recall).
+  int recall_tokens = 0;
+  // RecallProxy::kBlockBounds: vague tokens per key-bounds summary, and the
+  // summaries per (sequence, layer, KV head) that cover max_context; else 0.
+  int summary_tokens = 0;
+  int summary_groups = 0;
 
   int slots() const { return sink_tokens + recent_tokens + candidate_tokens + staging_tokens; }
 

@@ -7,7 +7,9 @@
 #define KVTIER_OPTIONS_H_
 
 #include <cstdint>
+#include <memory>
 #include <optional>
+#include <string>
 #include <string_view>
 
 #include "absl/status/status.h"
@@ -15,6 +17,8 @@
 #include "kvtier/model_shape.h"
 
 namespace kvtier {
+
+class Tier;  // kvtier/offload/tier.h
 
 // How the exact K/V of pushed-out ("vague") tokens are summarised on the device.
 enum class SketchKind : uint8_t {
@@ -41,6 +45,17 @@ enum class VaguePolicy : uint8_t {
   kShrink = 2,
 };
 
+// How the runtime picks the vague tokens to recall after each attend.
+enum class RecallProxy : uint8_t {
+  kNone = 0,         // no automatic recall (Runtime::Recall still works)
+  kSketch = 1,       // the sketch's per-token score (largest estimated logit)
+  // Quest-style key bounds (per coordinate min and max) per group of
+  // summary_tokens vague tokens, kept on the device: the groups whose bound
+  // on the logit is highest are recalled; within a group that the recall
+  // budget only partly covers, in the sketch's order.
+  kBlockBounds = 2,
+};
+
 enum class BackendKind : uint8_t {
   kAuto = 0,  // CUDA when a device and the CUDA backend are present, else CPU
   kCpu = 1,
@@ -50,6 +65,7 @@ enum class BackendKind : uint8_t {
 std::string_view SketchKindName(SketchKind k);
 std::string_view VaguePolicyName(VaguePolicy p);
 std::string_view BackendKindName(BackendKind b);
+std::string_view RecallProxyName(RecallProxy p);
 
 // Smallest recent window and sketch the budget planner accepts.
 inline constexpr int kMinRecentTokens = 16;
@@ -103,17 +119,55 @@ struct Options {
   int sketch_width = 0;
   VaguePolicy vague_policy = VaguePolicy::kShrink;  // default kShrink
 
+  // ---- Recall (asynchronous, lag one step) ----
+  RecallProxy recall_proxy = RecallProxy::kSketch;  // default: sketch scores
+  // Vague tokens requested per KV head after each attend. -1 (default):
+  // staging_tokens / 4, at least 1 when there is staging (0 for the sketch
+  // proxy without a sketch); 0: none. At most staging_tokens.
+  int recall_tokens = -1;
+  // How long an attend waits for recalls in flight before serving their
+  // tokens from the sketch. Default 0 (never waits), in [0, 10^7] us.
+  int64_t recall_wait_us = 0;
+  // kBlockBounds: vague tokens per key-bounds summary, a multiple of the
+  // block size. 0 (default): the smallest multiple whose summaries fit in
+  // summary_share of the budget left after the sink.
+  int summary_tokens = 0;
+  double summary_share = 0.05;  // default 0.05, in (0, 1)
+
   // ---- Host tier ----
   // Tokens per host block (one layer and KV head, K then V); a block must be
   // a multiple of 4096 bytes (O_DIRECT). 0 (default): the smallest count >= 16
   // that gives one (16 for head_dim 64 fp16: 4 KiB). Else in [1, 65536].
   int block_tokens = 0;
-  // Cap on host-tier bytes; 0 (default) = no cap. Appends that would need more
-  // fail with ResourceExhausted and leave the sequence unchanged.
+  // Cap on host-tier bytes; 0 (default) = no cap. The new blocks of one
+  // Append call are reserved before it changes anything, so the cap must hold
+  // them at once (with a disk tier, older sealed blocks are demoted to make
+  // room); an Append that cannot get them fails with ResourceExhausted and
+  // leaves the sequence unchanged.
   int64_t host_tier_bytes = 0;
 
   // Logit scale of attention. 0 (default): 1 / sqrt(head_dim). Else > 0.
   double attention_scale = 0.0;
+
+  // ---- Disk tier (below the host tier) ----
+  // A tier of the caller's (any kvtier::Tier: a remote store, or a
+  // FaultInjectingTier in tests) used as the disk tier instead of an NVMe
+  // file; its blocks must be plan().block_tokens tokens. Null (default): the
+  // NVMe tier of nvme_dir, if any. Needs host_tier_bytes > 0.
+  std::shared_ptr<Tier> disk_tier;
+  // Directory of the disk tier's file; empty (default): no disk tier. Needs a
+  // host-tier cap (host_tier_bytes > 0): blocks move down when the host tier
+  // fills.
+  std::string nvme_dir;
+  // Cap on the disk tier's bytes; required (> 0) with nvme_dir.
+  int64_t nvme_bytes = 0;
+  // io_uring queue depth of the disk tier. Default 32, in [1, 4096].
+  int io_queue_depth = 32;
+  // Demote coldest host blocks to disk when the host tier holds more than
+  // demote_high of its cap, down to demote_low. Defaults 0.9 and 0.8;
+  // 0 < low <= high <= 1.
+  double demote_high = 0.9;
+  double demote_low = 0.8;
 
   // Seed for the sketch hashes and SimHash planes. Default fixed.
   uint64_t seed = 0x6b7674696572ull;

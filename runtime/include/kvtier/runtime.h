@@ -82,15 +82,24 @@ class Runtime {
   absl::StatusOr<AttendCounts> AttendBatch(int layer, absl::Span<const AttendItem> items,
                                            const AttendOptions& options = {});
 
-  // ---- Recall (synchronous) ----
-  // Brings the exact K/V of vague tokens at `positions` of one (layer, KV
-  // head) into staging, so attention uses them exactly; when staging is full
+  // ---- Recall ----
+  // After every Attend the runtime itself asks for the plan's recall_tokens
+  // vague tokens per KV head that options.recall_proxy ranks highest; they
+  // arrive asynchronously and are exact from the first Attend after they
+  // landed (see Options::recall_wait_us), the sketch serving them until then.
+  //
+  // Recall is the synchronous form: it brings the exact K/V of vague tokens
+  // at `positions` of one (layer, KV head) into staging and waits for them
+  // (and for any recall still in flight on the head); when staging is full
   // the staged tokens with the lowest accumulated attention go back to the
-  // sketch. Positions already resident are skipped; at most staging_tokens
-  // are recalled per call. Returns how many were recalled.
+  // sketch. Positions already resident or in flight are skipped; at most
+  // staging_tokens per call. Returns how many this call installed; the error
+  // of a transfer that failed (its tokens stay vague).
   absl::StatusOr<int> Recall(SequenceId id, int layer, int kv_head, absl::Span<const int64_t> positions);
-  // The `count` vague tokens of (layer, KV head) the sketch scores highest for
-  // q ([q_heads][head_dim]), best first. FailedPrecondition without a sketch.
+  // The `count` vague tokens of (layer, KV head), not in flight, that the
+  // recall proxy (options.recall_proxy; the sketch when that is kNone) ranks
+  // highest for q ([q_heads][head_dim]), best first. FailedPrecondition when
+  // the proxy is unavailable (no sketch).
   absl::StatusOr<std::vector<int64_t>> RankVague(SequenceId id, int layer, int kv_head, const void* q,
                                                  int count) const;
   // RankVague then Recall of the top `per_head` for every KV head of the

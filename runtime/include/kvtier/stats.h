@@ -41,8 +41,9 @@ struct DeviceBytes {
   int64_t candidate = 0;  // heavy-hitter slots
   int64_t staging = 0;    // recalled-token slots
   int64_t sketch = 0;     // sketch buckets and running sums
+  int64_t summary = 0;    // key bounds per group of vague tokens (RecallProxy::kBlockBounds)
   int64_t metadata = 0;   // per-slot scores, vague-token lists, SimHash planes
-  int64_t total() const { return sink + recent + candidate + staging + sketch + metadata; }
+  int64_t total() const { return sink + recent + candidate + staging + sketch + summary + metadata; }
   DeviceBytes& operator+=(const DeviceBytes& o);
   DeviceBytes operator*(int64_t k) const;
   std::string ToString() const;
@@ -78,6 +79,36 @@ struct TierStats {
   int numa_node = -1;
 };
 
+// Asynchronous recall, in token-heads.
+struct RecallStats {
+  int64_t requested = 0;          // tokens requested from the tiers
+  int64_t exact_hits = 0;         // installed in time for the attend that needed them
+  int64_t sketch_fallbacks = 0;   // not there in time: that attend used the sketch
+  int64_t late_arrivals = 0;      // installed after the attend that needed them
+  int64_t wasted_prefetches = 0;  // installed, then evicted before any attend used them
+  int64_t failed = 0;             // transfer failed (read error, lost block): stayed vague
+  int64_t waits = 0;              // attends that waited for recalls in flight
+  RecallStats& operator+=(const RecallStats& o);
+};
+
+// The block store under the tiers: blocks, bytes by direction, faults.
+struct StoreStats {
+  int64_t blocks = 0;                // live logical blocks
+  int64_t host_blocks = 0;           // of which resident in the host tier
+  int64_t disk_blocks = 0;           // of which only on disk
+  int64_t lost_blocks = 0;           // became unreadable (checksum mismatch twice), cumulative
+  int64_t bytes_device_to_host = 0;  // token K/V written into host blocks
+  int64_t bytes_host_to_device = 0;  // rows recalled to the device
+  int64_t bytes_host_to_disk = 0;    // demotion writes completed
+  int64_t bytes_disk_to_host = 0;    // reads from disk completed
+  int64_t demotions = 0;
+  int64_t promotions = 0;
+  int64_t checksum_failures = 0;
+  int64_t disk_read_errors = 0;
+  int64_t disk_write_errors = 0;
+  int64_t host_waits = 0;            // block creations that waited for demotion
+};
+
 struct RuntimeStats {
   int64_t sequences = 0;
   RegionCounts regions;             // over all sequences, layers and KV heads
@@ -85,6 +116,9 @@ struct RuntimeStats {
   DeviceBytes device_reserved;      // bytes reserved by live sequences and shared state
   int64_t peak_device_bytes = 0;
   TierStats host_tier;
+  TierStats disk_tier;              // all zero without a disk tier
+  StoreStats store;
+  RecallStats recall;
   int64_t attends = 0;              // Attend calls (a batch counts each item)
   AttendCounts served;              // cumulative over all attends
   int64_t appended_tokens = 0;      // token-layers appended

@@ -88,7 +88,7 @@ struct AttendParams {
   void* out = nullptr;            // [device] [group][head_dim]
   const void* k_slots = nullptr;  // [device] [capacity][head_dim]
   const void* v_slots = nullptr;  // [device] [capacity][head_dim]
-  SlotRange ranges[4];            // resident slots: sink, recent, candidates, recalled
+  const SlotRange* ranges = nullptr;  // [host] [num_ranges] the resident slots
   int32_t num_ranges = 0;
   // [device] [capacity]: for each slot in `ranges`, the sum over the group of
   // its softmax probability (the heavy-hitter score). May be null.
@@ -126,6 +126,21 @@ struct SketchScoreParams {
   const uint32_t* ids = nullptr;      // [host] [n]
   const uint32_t* buckets = nullptr;  // [host] [n][rows], centroid only
   float* scores = nullptr;            // [host] [n] out
+};
+
+// Quest-style upper bounds of attention logits per group of tokens: for each
+// group g with key bounds lo <= k <= hi (per coordinate), the largest logit
+// any key of the group can reach for any query head of the KV head:
+// scores[g] = scale * max_q sum_i max(q_i lo_i, q_i hi_i).
+struct BoundScoreParams {
+  int32_t head_dim = 0;
+  int32_t group = 1;                // query heads of the KV head
+  DType dtype = DType::kF32;        // of q and bounds
+  float scale = 1.0f;
+  const void* q = nullptr;          // [device] [group][head_dim]
+  const void* bounds = nullptr;     // [device] [n][2][head_dim]: min, then max
+  int32_t n = 0;
+  float* scores = nullptr;          // [host] [n] out
 };
 
 // Copies n rows of row_bytes: dst + dst_rows[i] * dst_stride <- src +

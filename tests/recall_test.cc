@@ -1,0 +1,196 @@
+// Asynchronous recall through the tiers: attention becomes exact once the
+// recalled blocks have arrived, demoted tokens stay readable and recallable,
+// the key-bounds proxy finds the groups attention needs, and the counters
+// say what happened to every request.
+#include <set>
+
+#include "gtest/gtest.h"
+#include "kvtier/offload/host_tier.h"
+#include "test_util.h"
+
+namespace kvtier {
+namespace {
+
+using testing::MaxHeadError;
+using testing::RandomNormal;
+using testing::RoundedQuery;
+using testing::Shadow;
+
+Options RecallOptions() {
+  Options o;
+  o.shape = {.layers = 1, .q_heads = 4, .kv_heads = 2, .head_dim = 64, .dtype = DType::kF32};
+  o.max_context = 2000;
+  o.device_budget_fraction = 0.5;
+  o.recent_tokens = 16;
+  o.candidate_tokens = 8;
+  o.staging_tokens = 256;
+  o.sketch_width = 16;
+  o.vague_policy = VaguePolicy::kShrink;
+  o.recall_wait_us = 10'000'000;  // every recall lands before the next attend
+  return o;
+}
+
+// One attend asks for every vague token (recall_tokens covers them); the
+// next attend installs them all and is exact attention over every token.
+TEST(AsyncRecall, AttendIsExactOnceTheRecalledTokensArrived) {
+  Options o = RecallOptions();
+  o.recall_tokens = 256;
+  auto rt = Runtime::Create(o);
+  ASSERT_TRUE(rt.ok()) << rt.status();
+  KVTIER_ASSERT_OK((*rt)->AddSequence(1));
+  Shadow shadow(o.shape);
+  const int n = 200, H = 2, d = 64, vague = n - 4 - 16 - 8;
+  KVTIER_ASSERT_OK(shadow.Append(**rt, 1, 0, RandomNormal(n * H * d, 1, 1.0f, 0.3f), RandomNormal(n * H * d, 2), n));
+  auto [q, qr] = RoundedQuery(DType::kF32, RandomNormal(4 * d, 3));
+  const std::vector<double> ref = shadow.Attention(0, qr);
+  std::vector<float> out(4 * d);
+  AttendOptions f32;
+  f32.out_dtype = DType::kF32;
+  auto first = (*rt)->Attend(1, 0, q.data(), out.data(), f32);
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ(first->from_sketch, H * vague);
+  EXPECT_GT(MaxHeadError(out, ref, 4, d), 1e-3);
+
+  auto second = (*rt)->Attend(1, 0, q.data(), out.data(), f32);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(second->exact, H * n);
+  EXPECT_EQ(second->from_sketch, 0);
+  EXPECT_LE(MaxHeadError(out, ref, 4, d), 1e-5);
+  const RuntimeStats st = (*rt)->Stats();
+  EXPECT_EQ(st.recall.requested, H * vague);
+  EXPECT_EQ(st.recall.exact_hits, H * vague);
+  EXPECT_EQ(st.recall.sketch_fallbacks, 0);
+  EXPECT_EQ(st.recall.late_arrivals, 0);
+  EXPECT_EQ(st.recall.failed, 0);
+  EXPECT_EQ(st.store.bytes_host_to_device, H * vague * 2 * d * 4);
+  KVTIER_EXPECT_OK((*rt)->CheckInvariants());
+}
+
+// Requests evicted before any attend used them are wasted prefetches.
+TEST(AsyncRecall, TokensEvictedBeforeUseCountAsWasted) {
+  Options o = RecallOptions();
+  o.staging_tokens = 8;
+  o.recall_proxy = RecallProxy::kNone;
+  auto rt = Runtime::Create(o);
+  ASSERT_TRUE(rt.ok()) << rt.status();
+  KVTIER_ASSERT_OK((*rt)->AddSequence(1));
+  const int n = 200, H = 2, d = 64;
+  KVTIER_ASSERT_OK((*rt)->Append(1, 0, RandomNormal(n * H * d, 1).data(), RandomNormal(n * H * d, 2).data(), n));
+  std::vector<int64_t> a = {30, 31, 32, 33, 34, 35, 36, 37}, b = {40, 41, 42, 43};
+  ASSERT_EQ(*(*rt)->Recall(1, 0, 0, a), 8);
+  ASSERT_EQ(*(*rt)->Recall(1, 0, 0, b), 4);  // evicts 4 of `a`, never attended
+  EXPECT_EQ((*rt)->Stats().recall.wasted_prefetches, 4);
+  std::vector<float> q = RandomNormal(4 * d, 3), out(4 * d);
+  ASSERT_TRUE((*rt)->Attend(1, 0, q.data(), out.data()).ok());
+  std::vector<int64_t> c = {50, 51};
+  ASSERT_EQ(*(*rt)->Recall(1, 0, 0, c), 2);  // evicts 2 that were attended once
+  EXPECT_EQ((*rt)->Stats().recall.wasted_prefetches, 4);
+  KVTIER_EXPECT_OK((*rt)->CheckInvariants());
+}
+
+// With a small host tier over a lower tier, blocks move down as tokens go
+// vague; every token still reads back exactly, and recalled from below it
+// makes attention exact.
+TEST(AsyncRecall, DemotedTokensStayReadableAndRecallable) {
+  auto backend = CreateBackend(BackendKind::kCpu);
+  ASSERT_TRUE(backend.ok());
+  Options o = RecallOptions();
+  o.recall_proxy = RecallProxy::kNone;
+  const BudgetPlan plan = *PlanBudget(o);
+  const int64_t block_bytes = plan.block_tokens * o.shape.HeadTokenBytes();
+  auto lower = HostTier::Create(**backend, {.block_bytes = block_bytes});
+  ASSERT_TRUE(lower.ok());
+  o.disk_tier = std::shared_ptr<Tier>(std::move(*lower));
+  o.host_tier_bytes = 6 * block_bytes;
+  o.demote_high = 0.5;
+  o.demote_low = 0.34;
+  auto rt = Runtime::Create(o);
+  ASSERT_TRUE(rt.ok()) << rt.status();
+  KVTIER_ASSERT_OK((*rt)->AddSequence(1));
+  Shadow shadow(o.shape);
+  const int n = 260, H = 2, d = 64;
+  // Chunks of 20 tokens: the new blocks of one append fit the host tier at
+  // once; older sealed blocks move down to make room.
+  for (int chunk = 0; chunk < n / 20; ++chunk) {
+    KVTIER_ASSERT_OK(shadow.Append(**rt, 1, 0, RandomNormal(20 * H * d, 10 + chunk, 1.0f, 0.3f),
+                                   RandomNormal(20 * H * d, 1000 + chunk), 20));
+    EXPECT_LE((*rt)->Stats().host_tier.blocks_in_use, 6);
+  }
+  const RuntimeStats st = (*rt)->Stats();
+  EXPECT_GT(st.store.demotions, 0);
+  EXPECT_GT(st.store.disk_blocks, 0);
+  EXPECT_EQ(st.disk_tier.blocks_in_use, st.store.disk_blocks);
+  std::vector<float> k(d), v(d);
+  for (int h = 0; h < H; ++h) {
+    for (int64_t p = 0; p < n; ++p) {
+      KVTIER_ASSERT_OK((*rt)->ReadToken(1, 0, h, p, k.data(), v.data()));
+      ASSERT_TRUE(std::equal(k.begin(), k.end(), shadow.Key(0, p, h))) << h << " " << p;
+      ASSERT_TRUE(std::equal(v.begin(), v.end(), shadow.Value(0, p, h))) << h << " " << p;
+    }
+  }
+  // Recall every vague token of both heads (at most 256 per call).
+  for (int h = 0; h < H; ++h) {
+    std::vector<int64_t> vague;
+    for (int64_t p = 0; p < n; ++p) {
+      if (*(*rt)->TokenRegion(1, 0, h, p) == Region::kVague) vague.push_back(p);
+    }
+    ASSERT_LE(vague.size(), 256u);
+    auto got = (*rt)->Recall(1, 0, h, vague);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(*got, static_cast<int>(vague.size()));
+  }
+  EXPECT_GT((*rt)->Stats().store.bytes_disk_to_host, 0);
+  auto [q, qr] = RoundedQuery(DType::kF32, RandomNormal(4 * d, 5));
+  std::vector<float> out(4 * d);
+  auto served = (*rt)->Attend(1, 0, q.data(), out.data());
+  ASSERT_TRUE(served.ok());
+  EXPECT_EQ(served->exact, H * n);
+  EXPECT_LE(MaxHeadError(out, shadow.Attention(0, qr), 4, d), 1e-5);
+  KVTIER_EXPECT_OK((*rt)->CheckInvariants());
+  KVTIER_ASSERT_OK((*rt)->RemoveSequence(1));
+  const RuntimeStats end = (*rt)->Stats();
+  EXPECT_EQ(end.host_tier.blocks_in_use, 0);
+  EXPECT_EQ(end.disk_tier.blocks_in_use, 0);
+  EXPECT_EQ(end.store.blocks, 0);
+}
+
+// Key bounds per group of vague tokens: a group holding the keys the query
+// looks for has the highest bound, so its tokens are recalled first.
+TEST(AsyncRecall, BlockBoundsProxyRecallsTheGroupAttentionNeeds) {
+  Options o = RecallOptions();
+  o.shape.kv_heads = 1;
+  o.shape.q_heads = 1;
+  o.recall_proxy = RecallProxy::kBlockBounds;
+  o.staging_tokens = 32;
+  o.recall_tokens = 32;
+  o.summary_tokens = 16;  // one block: the planted tokens share a group
+  auto rt = Runtime::Create(o);
+  ASSERT_TRUE(rt.ok()) << rt.status();
+  const BudgetPlan& plan = (*rt)->plan();
+  ASSERT_GT(plan.summary_groups, 0);
+  ASSERT_EQ(plan.summary_tokens % plan.block_tokens, 0);
+  EXPECT_GT(plan.per_head.summary, 0);
+  KVTIER_ASSERT_OK((*rt)->AddSequence(1));
+  const int n = 600, d = 64;
+  const std::vector<float> w = RandomNormal(d, 7);
+  std::vector<float> k = RandomNormal(n * d, 8, 0.3f);
+  // Vague tokens are written in position order: tokens 300..303 share a group.
+  const std::set<int64_t> planted = {300, 301, 302, 303};
+  for (int64_t p : planted)
+    for (int j = 0; j < d; ++j) k[p * d + j] = 2.0f * w[j];
+  KVTIER_ASSERT_OK((*rt)->Append(1, 0, k.data(), RandomNormal(n * d, 9).data(), n));
+  auto top = (*rt)->RankVague(1, 0, 0, w.data(), plan.summary_tokens);
+  ASSERT_TRUE(top.ok()) << top.status();
+  for (int64_t p : planted) {
+    EXPECT_NE(std::find(top->begin(), top->end(), p), top->end()) << "planted token " << p << " not ranked first";
+  }
+  std::vector<float> out(d);
+  ASSERT_TRUE((*rt)->Attend(1, 0, w.data(), out.data()).ok());  // requests the best group
+  ASSERT_TRUE((*rt)->Attend(1, 0, w.data(), out.data()).ok());  // installs it
+  for (int64_t p : planted) EXPECT_EQ(*(*rt)->TokenRegion(1, 0, 0, p), Region::kRecalled) << p;
+  EXPECT_GE((*rt)->Stats().recall.exact_hits, 4) << (*rt)->plan().Explain() << " requested " << (*rt)->Stats().recall.requested;
+  KVTIER_EXPECT_OK((*rt)->CheckInvariants());
+}
+
+}  // namespace
+}  // namespace kvtier
