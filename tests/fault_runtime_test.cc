@@ -56,7 +56,18 @@ class LogCapture {
 // with a host tier of 8 blocks: most vague tokens end up below.
 class FaultRuntimeTest : public ::testing::Test {
  protected:
+  // Users before what they use: the runtime, then its tiers, then the backend.
+  void Reset() {
+    rt_.reset();
+    options_.disk_tier.reset();
+    fault_.reset();
+    base_.reset();
+    backend_.reset();
+  }
+  void TearDown() override { Reset(); }
+
   void SetUp() override {
+    Reset();
     backend_ = *CreateBackend(BackendKind::kCpu);
     Options o;
     o.shape = {.layers = 1, .q_heads = 2, .kv_heads = 1, .head_dim = kDim, .dtype = DType::kF32};
@@ -248,13 +259,16 @@ TEST_F(FaultRuntimeTest, FailedDemotionKeepsBlocksAboveAndAppendsFailCleanly) {
 // to the sketch (counted), arrives later (late), and is exact from then on;
 // with a wait budget longer than the delay, attend waits and nothing falls back.
 TEST_F(FaultRuntimeTest, SlowReadsFallBackThenArriveLate) {
-  rt_.reset();
   options_.recall_proxy = RecallProxy::kSketch;
   options_.recall_tokens = 256;
   for (int64_t wait_us : {int64_t{0}, int64_t{2'000'000}}) {
     SCOPED_TRACE(wait_us);
     options_.recall_wait_us = wait_us;
-    base_ = std::shared_ptr<HostTier>(*HostTier::Create(*backend_, {.block_bytes = base_->block_bytes()}));
+    const int64_t block = base_->block_bytes();
+    rt_.reset();
+    options_.disk_tier.reset();
+    fault_.reset();
+    base_ = std::shared_ptr<HostTier>(*HostTier::Create(*backend_, {.block_bytes = block}));
     fault_ = std::make_shared<FaultInjectingTier>(*base_, 7);
     options_.disk_tier = fault_;
     rt_ = std::move(*Runtime::Create(options_));

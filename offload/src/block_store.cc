@@ -268,14 +268,18 @@ absl::StatusOr<BlockStore::Ref> BlockStore::CreateBlock() {
           "%s, and demoting to the disk tier failed: %s", hb.status().message(), s.last_demotion_error.message()));
     }
     if (s.demoting == 0) {
-      if (DemoteColdest(/*force=*/true) == 0) {
+      if (DemoteColdest(/*force=*/true) > 0) {
+        u.Flush();
+        u.lock().lock();
+        continue;
+      }
+      // Nothing idle to demote. Blocks busy with a transfer become idle when
+      // it completes: wait for that; with none in flight, give up.
+      if (s.in_flight == 0 || s.disk_full) {
         return absl::ResourceExhaustedError(absl::StrFormat(
             "%s, and nothing can be demoted to the disk tier (%s)", hb.status().message(),
             s.disk_full ? "it is full" : "no sealed, idle block in the host tier"));
       }
-      u.Flush();
-      u.lock().lock();
-      continue;
     }
     if (s.changed.wait_until(u.lock(), absl::ToChronoTime(deadline)) == std::cv_status::timeout &&
         absl::Now() >= deadline) {
@@ -497,9 +501,19 @@ std::shared_ptr<Transfer> BlockStore::Gather(std::vector<GatherPart> parts) {
         std::vector<absl::Status> status(host_parts.size());
         std::vector<int64_t> bytes(host_parts.size(), 0);
         for (size_t i = 0; i < host_parts.size(); ++i) {
-          for (const GatherRow& r : host_rows[i].second) {
-            status[i].Update(backend_.Copy(r.dst, host_rows[i].first + r.offset, r.bytes, CopyKind::kHostToDevice));
-            bytes[i] += r.bytes;
+          const std::vector<GatherRow>& rows = host_rows[i].second;
+          // Rows adjacent in the block and at the destination go as one copy.
+          for (size_t j = 0; j < rows.size();) {
+            int64_t run = rows[j].bytes;
+            size_t e = j + 1;
+            while (e < rows.size() && rows[e].offset == rows[j].offset + run &&
+                   static_cast<char*>(rows[e].dst) == static_cast<char*>(rows[j].dst) + run) {
+              run += rows[e++].bytes;
+            }
+            status[i].Update(backend_.Copy(rows[j].dst, host_rows[i].first + rows[j].offset, run,
+                                           CopyKind::kHostToDevice));
+            bytes[i] += run;
+            j = e;
           }
         }
         FinishHostParts(std::move(host_parts), std::move(bytes), transfer, std::move(status));
@@ -655,8 +669,13 @@ void BlockStore::OnRead(Ref ref, absl::Status st) {
 
 void BlockStore::Drain() {
   State& s = *state_;
-  std::unique_lock lock(s.mu);
-  s.changed.wait(lock, [&] { return s.in_flight == 0 && s.deferred.empty(); });
+  {
+    std::unique_lock lock(s.mu);
+    s.changed.wait(lock, [&] { return s.in_flight == 0 && s.deferred.empty(); });
+  }
+  // The tiers' own bookkeeping settles after our callbacks returned.
+  host_.Drain();
+  if (disk_ != nullptr) disk_->Drain();
 }
 
 BlockStoreStats BlockStore::Stats() const {

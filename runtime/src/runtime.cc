@@ -585,6 +585,8 @@ absl::StatusOr<RegionCounts> Runtime::Regions(SequenceId id) const {
   return c;
 }
 
+void Runtime::Drain() { impl_->store->Drain(); }
+
 RuntimeStats Runtime::Stats() const {
   const Impl& I = *impl_;
   RuntimeStats st;

@@ -6,7 +6,9 @@
 // tokens, a device budget of 10% of the full cache.
 //
 // Two comparisons, each like with like:
-//   attend/T=<T>/...   Runtime::Attend, one decode step of all 32 query heads.
+//   attend/T=<T>/...   Runtime::Attend, one decode step of all 32 query heads
+//                      (the 10% runtimes include their recall work: installing
+//                      what arrived, ranking, requesting the next tokens).
 //     kvtier_cs_10pct        budget 0.10, Count-Sketch (the defaults)
 //     kvtier_centroid_10pct  budget 0.10, centroid sketch (information)
 //     exact_full_100pct      budget 1.00: every token resident, so the same

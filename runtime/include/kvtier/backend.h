@@ -66,8 +66,9 @@ class Backend {
   virtual absl::StatusOr<void*> AllocateHost(int64_t bytes) = 0;
   virtual void FreeHost(void* ptr) = 0;
 
-  // Copies `bytes`; with a stream, ordered on it (and asynchronous where
-  // caps().async_streams), else complete on return.
+  // Copies `bytes` between buffers that do not overlap; with a stream,
+  // ordered on it (and asynchronous where caps().async_streams), else
+  // complete on return.
   virtual absl::Status Copy(void* dst, const void* src, int64_t bytes, CopyKind kind, Stream* stream = nullptr) = 0;
   // Zeroes device memory; complete on return.
   virtual absl::Status ZeroDevice(void* ptr, int64_t bytes) = 0;

@@ -117,6 +117,9 @@ class Runtime {
   absl::Status EstimateToken(SequenceId id, int layer, int kv_head, int64_t position, float* k, float* v) const;
   absl::StatusOr<RegionCounts> Regions(SequenceId id) const;
   RuntimeStats Stats() const;
+  // Waits until every transfer in flight (recalls, demotions) completed.
+  // Recalls that arrived are installed by the next Attend as usual.
+  void Drain();
   // Verifies every internal invariant (each token in exactly one region, slot
   // maps, sketch counts, host-tier accounting); Internal naming the first
   // violation. O(tokens); for tests and debugging, with no other call in flight.
