@@ -1,6 +1,7 @@
 #include "kvtier/allocator/device_arena.h"
 
 #include <algorithm>
+#include <optional>
 
 #include "absl/strings/str_format.h"
 
@@ -38,25 +39,19 @@ DeviceArena::DeviceArena(Backend& backend, char* base, const Options& o)
       base_(base),
       prefix_bytes_(o.prefix_bytes),
       chunk_bytes_(o.chunk_bytes),
-      chunk_count_(o.chunk_count) {
-  free_.reserve(chunk_count_);
-  for (int32_t i = chunk_count_ - 1; i >= 0; --i) free_.push_back(i);
-  in_use_.assign(chunk_count_, 0);
-}
+      chunk_count_(o.chunk_count),
+      chunks_(o.chunk_count) {}
 
 DeviceArena::~DeviceArena() { backend_.FreeDevice(base_); }
 
 absl::StatusOr<void*> DeviceArena::AllocateChunk() {
   std::lock_guard lock(mu_);
-  if (free_.empty()) {
+  std::optional<uint32_t> i = chunks_.Take();
+  if (!i) {
     return absl::ResourceExhaustedError(
         absl::StrFormat("device arena: all %d chunks of %d bytes are in use", chunk_count_, chunk_bytes_));
   }
-  const int32_t i = free_.back();
-  free_.pop_back();
-  in_use_[i] = 1;
-  peak_in_use_ = std::max<int32_t>(peak_in_use_, chunk_count_ - static_cast<int32_t>(free_.size()));
-  return base_ + prefix_bytes_ + chunk_bytes_ * i;
+  return base_ + prefix_bytes_ + chunk_bytes_ * static_cast<int64_t>(*i);
 }
 
 absl::Status DeviceArena::FreeChunk(void* chunk) {
@@ -65,24 +60,20 @@ absl::Status DeviceArena::FreeChunk(void* chunk) {
   const bool inside = p >= first && (p - first) % chunk_bytes_ == 0 &&
                       (p - first) / chunk_bytes_ < static_cast<uintptr_t>(chunk_count_);
   std::lock_guard lock(mu_);
-  const int32_t i = inside ? static_cast<int32_t>((p - first) / chunk_bytes_) : -1;
-  if (i < 0 || !in_use_[i]) {
-    return absl::FailedPreconditionError(
-        absl::StrFormat("device arena: %p is not a chunk in use", chunk));
+  if (!inside || !chunks_.Release(static_cast<uint32_t>((p - first) / chunk_bytes_))) {
+    return absl::FailedPreconditionError(absl::StrFormat("device arena: %p is not a chunk in use", chunk));
   }
-  in_use_[i] = 0;
-  free_.push_back(i);
   return absl::OkStatus();
 }
 
 int64_t DeviceArena::bytes_in_use() const {
   std::lock_guard lock(mu_);
-  return prefix_bytes_ + chunk_bytes_ * (chunk_count_ - static_cast<int64_t>(free_.size()));
+  return prefix_bytes_ + chunk_bytes_ * chunks_.used();
 }
 
 int64_t DeviceArena::peak_bytes_in_use() const {
   std::lock_guard lock(mu_);
-  return prefix_bytes_ + chunk_bytes_ * peak_in_use_;
+  return prefix_bytes_ + chunk_bytes_ * chunks_.peak();
 }
 
 }  // namespace kvtier

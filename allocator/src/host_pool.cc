@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <optional>
 
 #include "absl/strings/str_format.h"
 #include "kvtier/log.h"
@@ -69,7 +70,7 @@ HostBlockPool::HostBlockPool(Backend& backend, const Options& o, int64_t blocks_
       options_(o),
       block_bytes_(o.block_bytes),
       blocks_per_chunk_(blocks_per_chunk),
-      capacity_blocks_(o.capacity_bytes / o.block_bytes) {}
+      ids_(o.capacity_bytes / o.block_bytes) {}
 
 HostBlockPool::~HostBlockPool() {
   for (size_t i = 0; i < chunks_.size(); ++i) {
@@ -79,9 +80,9 @@ HostBlockPool::~HostBlockPool() {
 }
 
 absl::Status HostBlockPool::Grow() {
-  const int64_t have = static_cast<int64_t>(in_use_.size());
+  const int64_t have = reserved_blocks_;
   int64_t n = blocks_per_chunk_;
-  if (capacity_blocks_ > 0) n = std::min(n, capacity_blocks_ - have);
+  if (ids_.cap() > 0) n = std::min(n, ids_.cap() - have);
   if (have + n > int64_t{0xffffffff}) {
     return absl::ResourceExhaustedError(absl::StrFormat("host pool: %d blocks is the most it can index", have));
   }
@@ -114,44 +115,36 @@ absl::Status HostBlockPool::Grow() {
   chunks_.push_back(base);
   chunk_blocks_.push_back(n);
   pinned_by_.push_back(pinned);
-  in_use_.resize(have + n, 0);
-  // Hand out low ids first.
-  for (int64_t i = have + n - 1; i >= have; --i) free_.push_back(static_cast<BlockId>(i));
+  reserved_blocks_ += n;
   return absl::OkStatus();
 }
 
 absl::StatusOr<HostBlockPool::BlockId> HostBlockPool::Allocate() {
   std::unique_lock lock(mu_);
-  if (capacity_blocks_ > 0 && blocks_in_use_ >= capacity_blocks_) {
+  if (ids_.cap() > 0 && ids_.used() >= ids_.cap()) {
     return absl::ResourceExhaustedError(absl::StrFormat(
-        "host pool is full: %d blocks of %d bytes in use, the cap of %d bytes holds %d blocks", blocks_in_use_,
-        block_bytes_, options_.capacity_bytes, capacity_blocks_));
+        "host pool is full: %d blocks of %d bytes in use, the cap of %d bytes holds %d blocks", ids_.used(),
+        block_bytes_, options_.capacity_bytes, ids_.cap()));
   }
-  if (free_.empty()) {
+  if (ids_.NeedsNew() && ids_.next_new() >= reserved_blocks_) {  // new ids need a new chunk
     if (absl::Status st = Grow(); !st.ok()) return st;
   }
-  const BlockId id = free_.back();
-  free_.pop_back();
-  in_use_[id] = 1;
-  ++blocks_in_use_;
-  peak_blocks_ = std::max(peak_blocks_, blocks_in_use_);
-  return id;
+  std::optional<uint32_t> id = ids_.Take();
+  if (!id) return absl::ResourceExhaustedError("host pool: no more block ids");
+  return *id;
 }
 
 absl::Status HostBlockPool::Free(BlockId block) {
   std::unique_lock lock(mu_);
-  if (block >= in_use_.size() || !in_use_[block]) {
+  if (!ids_.Release(block)) {
     return absl::FailedPreconditionError(absl::StrFormat("host pool: free of block %d, which is not allocated", block));
   }
-  in_use_[block] = 0;
-  free_.push_back(block);
-  --blocks_in_use_;
   return absl::OkStatus();
 }
 
 char* HostBlockPool::Data(BlockId block) const {
   std::shared_lock lock(mu_);
-  if (block >= in_use_.size() || !in_use_[block]) return nullptr;
+  if (!ids_.InUse(block)) return nullptr;
   // Every chunk but a capped last one holds blocks_per_chunk_ blocks.
   return chunks_[block / blocks_per_chunk_] + static_cast<int64_t>(block % blocks_per_chunk_) * block_bytes_;
 }
@@ -160,10 +153,10 @@ HostBlockPool::Stats HostBlockPool::GetStats() const {
   std::shared_lock lock(mu_);
   Stats s;
   s.block_bytes = block_bytes_;
-  s.blocks_in_use = blocks_in_use_;
-  s.peak_blocks_in_use = peak_blocks_;
-  s.capacity_blocks = capacity_blocks_;
-  s.reserved_bytes = static_cast<int64_t>(in_use_.size()) * block_bytes_;
+  s.blocks_in_use = ids_.used();
+  s.peak_blocks_in_use = ids_.peak();
+  s.capacity_blocks = ids_.cap();
+  s.reserved_bytes = reserved_blocks_ * block_bytes_;
   s.pinned_bytes = pinned_bytes_;
   s.numa_node = numa_node_;
   return s;

@@ -33,7 +33,7 @@ inline void LoadF32(const void* src, DType t, int n, float* __restrict dst) {
         _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
       }
 #endif
-      for (; i < n; ++i) dst[i] = HalfToFloat(s[i]);
+      RowToFloat(s + i, t, n - i, dst + i);
       return;
     }
     case DType::kBF16: {
@@ -48,21 +48,11 @@ inline void LoadF32(const void* src, DType t, int n, float* __restrict dst) {
 
 // Stores n fp32 values as dtype t, rounding to nearest even.
 inline void StoreF32(const float* src, DType t, int n, void* dst) {
-  switch (t) {
-    case DType::kF32:
-      std::memcpy(dst, src, sizeof(float) * n);
-      return;
-    case DType::kF16: {
-      uint16_t* d = static_cast<uint16_t*>(dst);
-      for (int i = 0; i < n; ++i) d[i] = FloatToHalf(src[i]);
-      return;
-    }
-    case DType::kBF16: {
-      uint16_t* d = static_cast<uint16_t*>(dst);
-      for (int i = 0; i < n; ++i) d[i] = FloatToBf16(src[i]);
-      return;
-    }
+  if (t == DType::kF32) {
+    std::memcpy(dst, src, sizeof(float) * n);
+    return;
   }
+  FloatToRow(src, t, n, dst);
 }
 
 inline const void* RowPtr(const void* base, DType t, int64_t row, int64_t stride_elems) {

@@ -15,11 +15,13 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_format.h"
+#include "kvtier/allocator/block_ids.h"
 #include "kvtier/log.h"
 
 namespace kvtier {
@@ -41,8 +43,7 @@ class MemoryTier::Impl {
   explicit Impl(const Options& o)
       : options_(o),
         block_bytes_(o.block_bytes),
-        cap_blocks_(o.capacity_bytes == 0 ? int64_t{0xffffffff}
-                                          : std::min<int64_t>(o.capacity_bytes / o.block_bytes, 0xffffffff)) {
+        ids_(o.capacity_bytes == 0 ? 0 : std::min<int64_t>(o.capacity_bytes / o.block_bytes, 0xffffffff)) {
     worker_ = std::thread([this] { WorkerLoop(); });
   }
 
@@ -60,41 +61,31 @@ class MemoryTier::Impl {
 
   absl::StatusOr<BlockId> Allocate() {
     std::lock_guard lock(mu_);
-    if (blocks_in_use_ >= cap_blocks_) {
+    if (ids_.cap() > 0 && ids_.used() >= ids_.cap()) {
       return absl::ResourceExhaustedError(
           absl::StrFormat("memory tier is full: %d blocks of %d bytes in use, the cap of %d bytes holds %d blocks",
-                          blocks_in_use_, block_bytes_, options_.capacity_bytes, cap_blocks_));
+                          ids_.used(), block_bytes_, options_.capacity_bytes, ids_.cap()));
     }
-    BlockId id;
-    if (!free_.empty()) {
-      id = free_.back();
-      free_.pop_back();
-    } else {
+    if (ids_.NeedsNew()) {  // back the next new id with memory first
       void* p = std::aligned_alloc(kAlign, static_cast<size_t>(block_bytes_));
       if (p == nullptr) {
         return absl::ResourceExhaustedError(absl::StrFormat(
             "memory tier: cannot allocate a block of %d bytes (%d blocks held)", block_bytes_, blocks_.size()));
       }
       std::memset(p, 0, static_cast<size_t>(block_bytes_));  // never-written blocks read as zeros
-      id = static_cast<BlockId>(blocks_.size());
       blocks_.emplace_back(static_cast<char*>(p));
-      allocated_.push_back(0);
     }
-    allocated_[id] = 1;
-    ++blocks_in_use_;
-    peak_blocks_ = std::max(peak_blocks_, blocks_in_use_);
-    return id;
+    std::optional<uint32_t> id = ids_.Take();
+    if (!id) return absl::ResourceExhaustedError("memory tier: no more block ids");
+    return *id;
   }
 
   absl::Status Free(BlockId block) {
     std::lock_guard lock(mu_);
-    if (block >= allocated_.size() || !allocated_[block]) {
+    if (!ids_.Release(block)) {
       return absl::FailedPreconditionError(
           absl::StrFormat("memory tier: free of block %d, which is not allocated", block));
     }
-    allocated_[block] = 0;
-    free_.push_back(block);
-    --blocks_in_use_;
     return absl::OkStatus();
   }
 
@@ -120,11 +111,11 @@ class MemoryTier::Impl {
     std::lock_guard lock(mu_);
     TierStats s;
     s.block_bytes = block_bytes_;
-    s.blocks_in_use = blocks_in_use_;
-    s.bytes_in_use = blocks_in_use_ * block_bytes_;
+    s.blocks_in_use = ids_.used();
+    s.bytes_in_use = ids_.used() * block_bytes_;
     s.bytes_reserved = static_cast<int64_t>(blocks_.size()) * block_bytes_;
-    s.peak_bytes_in_use = peak_blocks_ * block_bytes_;
-    s.capacity_bytes = options_.capacity_bytes == 0 ? 0 : cap_blocks_ * block_bytes_;
+    s.peak_bytes_in_use = ids_.peak() * block_bytes_;
+    s.capacity_bytes = ids_.cap() * block_bytes_;
     s.writes = writes_;
     s.reads = reads_;
     s.bytes_written = writes_ * block_bytes_;
@@ -153,7 +144,7 @@ class MemoryTier::Impl {
     char* mem = nullptr;
     {
       std::lock_guard lock(mu_);
-      if (op.block < allocated_.size() && allocated_[op.block]) mem = blocks_[op.block].get();
+      if (ids_.InUse(op.block)) mem = blocks_[op.block].get();
     }
     if (mem == nullptr) {
       return absl::FailedPreconditionError(
@@ -196,17 +187,14 @@ class MemoryTier::Impl {
 
   const Options options_;
   const int64_t block_bytes_;
-  const int64_t cap_blocks_;  // 2^32 - 1 when there is no cap
+
 
   mutable std::mutex mu_;
   std::condition_variable wake_;     // work queued or stop
   std::condition_variable drained_;  // outstanding_ reached 0
   // Guarded by mu_:
   std::vector<BlockMemory> blocks_;  // per block id ever handed out
-  std::vector<uint8_t> allocated_;
-  std::vector<BlockId> free_;
-  int64_t blocks_in_use_ = 0;
-  int64_t peak_blocks_ = 0;
+  BlockIds ids_;
   std::deque<Op> queue_;
   int64_t outstanding_ = 0;  // accepted, `done` not yet returned
   int64_t writes_ = 0, reads_ = 0, write_errors_ = 0, read_errors_ = 0;

@@ -28,6 +28,7 @@
 #include <deque>
 #include <filesystem>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
 #include <string>
 #include <thread>
@@ -35,6 +36,7 @@
 #include <vector>
 
 #include "absl/strings/str_format.h"
+#include "kvtier/allocator/block_ids.h"
 #include "kvtier/log.h"
 
 namespace kvtier {
@@ -75,8 +77,8 @@ class NvmeTier::Impl {
   explicit Impl(const Options& options)
       : options_(options),
         block_bytes_(options.block_bytes),
-        cap_blocks_(options.capacity_bytes / options.block_bytes),
-        queue_depth_(options.queue_depth) {}
+        queue_depth_(options.queue_depth),
+        ids_(std::min<int64_t>(options.capacity_bytes / options.block_bytes, 0xffffffff)) {}
 
   ~Impl() {
     if (reaper_.joinable()) {
@@ -131,34 +133,21 @@ class NvmeTier::Impl {
 
   absl::StatusOr<BlockId> Allocate() {
     std::lock_guard lock(alloc_mu_);
-    if (blocks_in_use_ >= cap_blocks_) {
+    std::optional<uint32_t> id = ids_.Take();
+    if (!id) {
       return absl::ResourceExhaustedError(absl::StrFormat(
           "nvme tier on %s is full: %d blocks of %d bytes in use, the cap of %d bytes holds %d blocks",
-          options_.directory, blocks_in_use_, block_bytes_, options_.capacity_bytes, cap_blocks_));
+          options_.directory, ids_.used(), block_bytes_, options_.capacity_bytes, ids_.cap()));
     }
-    BlockId id;
-    if (!free_.empty()) {
-      id = free_.back();
-      free_.pop_back();
-    } else {
-      id = static_cast<BlockId>(allocated_.size());
-      allocated_.push_back(0);
-    }
-    allocated_[id] = 1;
-    ++blocks_in_use_;
-    peak_blocks_ = std::max(peak_blocks_, blocks_in_use_);
-    return id;
+    return *id;
   }
 
   absl::Status Free(BlockId block) {
     std::lock_guard lock(alloc_mu_);
-    if (block >= allocated_.size() || !allocated_[block]) {
+    if (!ids_.Release(block)) {
       return absl::FailedPreconditionError(
           absl::StrFormat("nvme tier on %s: free of block %d, which is not allocated", options_.directory, block));
     }
-    allocated_[block] = 0;
-    free_.push_back(block);
-    --blocks_in_use_;
     return absl::OkStatus();
   }
 
@@ -212,12 +201,12 @@ class NvmeTier::Impl {
     s.block_bytes = block_bytes_;
     {
       std::lock_guard lock(alloc_mu_);
-      s.blocks_in_use = blocks_in_use_;
-      s.peak_bytes_in_use = peak_blocks_ * block_bytes_;
+      s.blocks_in_use = ids_.used();
+      s.peak_bytes_in_use = ids_.peak() * block_bytes_;
     }
     s.bytes_in_use = s.blocks_in_use * block_bytes_;
     s.bytes_reserved = file_bytes_.load(std::memory_order_relaxed);
-    s.capacity_bytes = cap_blocks_ * block_bytes_;
+    s.capacity_bytes = ids_.cap() * block_bytes_;
     s.writes = writes_.load(std::memory_order_relaxed);
     s.reads = reads_.load(std::memory_order_relaxed);
     s.bytes_written = s.writes * block_bytes_;
@@ -324,7 +313,7 @@ class NvmeTier::Impl {
 
   bool IsAllocated(BlockId block) const {
     std::lock_guard lock(alloc_mu_);
-    return block < allocated_.size() && allocated_[block];
+    return ids_.InUse(block);
   }
 
   int FixedBufferIndex(const char* buf) const {
@@ -502,7 +491,6 @@ class NvmeTier::Impl {
 
   const Options options_;
   const int64_t block_bytes_;
-  const int64_t cap_blocks_;
   const int64_t queue_depth_;
   // Set by Init, then read only.
   std::string path_;
@@ -517,10 +505,7 @@ class NvmeTier::Impl {
   std::atomic<std::thread::id> reaper_id_{};
 
   mutable std::mutex alloc_mu_;
-  std::vector<uint8_t> allocated_;  // per block ever handed out; guarded by alloc_mu_
-  std::vector<BlockId> free_;       // guarded by alloc_mu_
-  int64_t blocks_in_use_ = 0;       // guarded by alloc_mu_
-  int64_t peak_blocks_ = 0;         // guarded by alloc_mu_
+  BlockIds ids_;  // guarded by alloc_mu_
 
   mutable std::shared_mutex regions_mu_;
   std::vector<Region> regions_;  // guarded by regions_mu_

@@ -198,39 +198,6 @@ const void* HeadCache::HostView(const char* device, int64_t bytes, std::vector<c
   return bounce.data();
 }
 
-namespace {
-
-void RowToFloat(const void* row, DType t, int d, float* out) {
-  switch (t) {
-    case DType::kF32:
-      std::memcpy(out, row, sizeof(float) * d);
-      return;
-    case DType::kF16:
-      for (int j = 0; j < d; ++j) out[j] = kernels::HalfToFloat(static_cast<const uint16_t*>(row)[j]);
-      return;
-    case DType::kBF16:
-      for (int j = 0; j < d; ++j) out[j] = kernels::Bf16ToFloat(static_cast<const uint16_t*>(row)[j]);
-      return;
-  }
-}
-
-// fp32 values that came from `t` convert back exactly.
-void FloatToRow(const float* in, DType t, int d, void* row) {
-  switch (t) {
-    case DType::kF32:
-      std::memcpy(row, in, sizeof(float) * d);
-      return;
-    case DType::kF16:
-      for (int j = 0; j < d; ++j) static_cast<uint16_t*>(row)[j] = kernels::FloatToHalf(in[j]);
-      return;
-    case DType::kBF16:
-      for (int j = 0; j < d; ++j) static_cast<uint16_t*>(row)[j] = kernels::FloatToBf16(in[j]);
-      return;
-  }
-}
-
-}  // namespace
-
 absl::Status HeadCache::WriteToStore(std::span<const Move> moves, const AppendSource& src) {
   const int64_t rb = ctx_.row_bytes;
   const int d = ctx_.options->shape.head_dim;
@@ -271,7 +238,7 @@ absl::Status HeadCache::WriteToStore(std::span<const Move> moves, const AppendSo
             std::fill_n(bounds_host_.begin() + x + d, d, -INFINITY);
           }
         }
-        RowToFloat(k_run.data() + (t - i) * rb, dtype, d, kf.data());
+        kernels::RowToFloat(k_run.data() + (t - i) * rb, dtype, d, kf.data());
         float* lo = bounds_host_.data() + g * 2 * d;
         float* hi = lo + d;
         for (int x = 0; x < d; ++x) {
@@ -295,8 +262,8 @@ absl::Status HeadCache::WriteToStore(std::span<const Move> moves, const AppendSo
     const int64_t groups = last_group - first_group + 1;
     std::vector<char> rows(groups * 2 * rb);
     for (int64_t g = 0; g < groups; ++g) {
-      FloatToRow(bounds_host_.data() + (first_group + g) * 2 * d, dtype, d, rows.data() + g * 2 * rb);
-      FloatToRow(bounds_host_.data() + (first_group + g) * 2 * d + d, dtype, d, rows.data() + g * 2 * rb + rb);
+      kernels::FloatToRow(bounds_host_.data() + (first_group + g) * 2 * d, dtype, d, rows.data() + g * 2 * rb);
+      kernels::FloatToRow(bounds_host_.data() + (first_group + g) * 2 * d + d, dtype, d, rows.data() + g * 2 * rb + rb);
     }
     if (absl::Status st = ctx_.backend->Copy(bounds_dev_ + first_group * 2 * rb, rows.data(), groups * 2 * rb,
                                              CopyKind::kHostToDevice);

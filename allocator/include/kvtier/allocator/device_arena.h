@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "kvtier/allocator/block_ids.h"
 #include "kvtier/backend.h"
 
 namespace kvtier {
@@ -54,10 +55,7 @@ class DeviceArena {
   const int64_t chunk_bytes_;
   const int32_t chunk_count_;
   mutable std::mutex mu_;
-  // Guarded by mu_:
-  std::vector<int32_t> free_;     // chunk indices, a stack
-  std::vector<uint8_t> in_use_;   // per chunk
-  int32_t peak_in_use_ = 0;
+  BlockIds chunks_;  // guarded by mu_; cap: chunk_count
 };
 
 }  // namespace kvtier

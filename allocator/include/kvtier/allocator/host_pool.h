@@ -18,6 +18,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kvtier/allocator/block_ids.h"
 #include "kvtier/backend.h"
 
 namespace kvtier {
@@ -75,16 +76,13 @@ class HostBlockPool {
   const Options options_;
   const int64_t block_bytes_;
   const int64_t blocks_per_chunk_;
-  const int64_t capacity_blocks_;  // 0 = no cap
   mutable std::shared_mutex mu_;
   // Guarded by mu_:
   std::vector<char*> chunks_;
   std::vector<int64_t> chunk_blocks_;  // blocks in each chunk
   std::vector<int8_t> pinned_by_;      // per chunk: 0 none, 1 backend, 2 mlock
-  std::vector<uint8_t> in_use_;        // per block
-  std::vector<BlockId> free_;
-  int64_t blocks_in_use_ = 0;
-  int64_t peak_blocks_ = 0;
+  int64_t reserved_blocks_ = 0;        // blocks the chunks hold
+  BlockIds ids_;                       // cap: the capacity in blocks (0 = none)
   int64_t pinned_bytes_ = 0;
   int numa_node_ = -1;
   bool warned_unpinned_ = false;

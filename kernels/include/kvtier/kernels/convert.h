@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kvtier/dtype.h"
 #include "kvtier/kernels/hd.h"
 
 namespace kvtier::kernels {
@@ -67,6 +68,29 @@ KVTIER_HD uint16_t FloatToHalf(float f) {
   const uint32_t half = 1u << (shift - 1u);
   if (rem > half || (rem == half && (q & 1u))) ++q;
   return static_cast<uint16_t>(sign | q);
+}
+
+// n values of `src` (in dtype t) as fp32: the scalar reference of every
+// vectorised load.
+KVTIER_HD void RowToFloat(const void* src, DType t, int n, float* dst) {
+  for (int i = 0; i < n; ++i) {
+    switch (t) {
+      case DType::kF32: dst[i] = static_cast<const float*>(src)[i]; break;
+      case DType::kF16: dst[i] = HalfToFloat(static_cast<const uint16_t*>(src)[i]); break;
+      case DType::kBF16: dst[i] = Bf16ToFloat(static_cast<const uint16_t*>(src)[i]); break;
+    }
+  }
+}
+
+// n fp32 values stored as dtype t, rounding to nearest even.
+KVTIER_HD void FloatToRow(const float* src, DType t, int n, void* dst) {
+  for (int i = 0; i < n; ++i) {
+    switch (t) {
+      case DType::kF32: static_cast<float*>(dst)[i] = src[i]; break;
+      case DType::kF16: static_cast<uint16_t*>(dst)[i] = FloatToHalf(src[i]); break;
+      case DType::kBF16: static_cast<uint16_t*>(dst)[i] = FloatToBf16(src[i]); break;
+    }
+  }
 }
 
 }  // namespace kvtier::kernels
