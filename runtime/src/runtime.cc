@@ -71,7 +71,7 @@ class Runtime::Impl {
 
   std::atomic<int64_t> attends{0};
   std::atomic<int64_t> exact{0}, from_sketch{0}, dropped{0};
-  std::atomic<int64_t> appended{0}, recalled{0};
+  std::atomic<int64_t> appended{0};
   mutable std::mutex retired_mu;
   RecallStats retired_recall;  // of removed sequences
 
@@ -504,10 +504,7 @@ absl::StatusOr<int> Runtime::Recall(SequenceId id, int layer, int kv_head, absl:
   if (absl::Status st = I.CheckHead(layer, kv_head); !st.ok()) return st;
   absl::StatusOr<Impl::Locked> locked = I.Acquire(id);
   if (!locked.ok()) return locked.status();
-  Sequence& s = *locked->seq;
-  absl::StatusOr<int> n = I.Head(s, layer, kv_head).Recall({positions.data(), positions.size()});
-  if (n.ok()) I.recalled.fetch_add(*n, std::memory_order_relaxed);
-  return n;
+  return I.Head(*locked->seq, layer, kv_head).Recall({positions.data(), positions.size()});
 }
 
 absl::StatusOr<std::vector<int64_t>> Runtime::RankVague(SequenceId id, int layer, int kv_head, const void* q,
@@ -534,7 +531,6 @@ absl::StatusOr<int64_t> Runtime::RecallTop(SequenceId id, int layer, const void*
     if (top->empty()) continue;
     absl::StatusOr<int> n = head.Recall(*top);
     if (!n.ok()) return n.status();
-    I.recalled.fetch_add(*n, std::memory_order_relaxed);
     total += *n;
   }
   return total;
@@ -616,7 +612,7 @@ RuntimeStats Runtime::Stats() const {
   st.served.from_sketch = I.from_sketch.load(std::memory_order_relaxed);
   st.served.dropped = I.dropped.load(std::memory_order_relaxed);
   st.appended_tokens = I.appended.load(std::memory_order_relaxed);
-  st.recalled_tokens = I.recalled.load(std::memory_order_relaxed);
+  st.recalled_tokens = st.recall.exact_hits + st.recall.late_arrivals;
   return st;
 }
 

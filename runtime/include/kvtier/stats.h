@@ -122,7 +122,7 @@ struct RuntimeStats {
   int64_t attends = 0;              // Attend calls (a batch counts each item)
   AttendCounts served;              // cumulative over all attends
   int64_t appended_tokens = 0;      // token-layers appended
-  int64_t recalled_tokens = 0;      // token-heads brought into staging
+  int64_t recalled_tokens = 0;      // token-heads installed in staging (automatic and Recall): exact_hits + late_arrivals
   std::string ToString() const;
 };
 
