@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs every system package kvtier needs on Debian 12. Idempotent: when all
-# packages are present it only runs one dpkg query and exits.
+# packages are present it only queries dpkg and python3, and exits.
 set -euo pipefail
 
 PACKAGES=(
@@ -9,6 +9,13 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   fio
 )
+# The Python module (tools/run-tests) needs python3 with venv and its C
+# headers; Debian's python3 gets them from these packages, an interpreter of
+# its own (pyenv, here) usually has them already.
+if ! python3 -c 'import ensurepip, os, sys, sysconfig, venv
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
+  PACKAGES+=(python3 python3-dev python3-venv python3-pip)
+fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do
