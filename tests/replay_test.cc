@@ -142,6 +142,31 @@ TEST(Replay, JsonHasTheStableKeys) {
   EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 9);  // header + 8 requests
 }
 
+TEST(Replay, SharedPrefixBlocksAreReused) {
+  const Trace t = SmallTrace();
+  ReplayOptions o = SmallOptions();
+  o.time_scale = 0;  // all at once: admission order is trace order
+  absl::StatusOr<ReplayResult> none = RunReplay(t, o);
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_EQ(none->prefix_hits_host + none->prefix_hits_nvme, 0);
+  // Blocks of 512 / 4 = 128 tokens: 128 tokens x 2 layers x 2 KV heads x
+  // 256 bytes = 128 KiB. Only full blocks of a prompt are stored and reused.
+  o.prefix_host_bytes = 2 * 131072;  // two blocks in host memory
+  o.prefix_nvme_bytes = 64 * 131072;
+  absl::StatusOr<ReplayResult> r = RunReplay(t, o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  // Request 0 (500 tokens) stores blocks 0-2. Request 1 (375 tokens) reuses
+  // 0, 1; request 3 (625 tokens) reuses 0-2 and stores 3; request 7 reuses 0-3.
+  EXPECT_EQ(r->per_request[1].prefix_hits_host + r->per_request[1].prefix_hits_nvme, 2);
+  EXPECT_EQ(r->per_request[3].prefix_hits_host + r->per_request[3].prefix_hits_nvme, 3);
+  EXPECT_EQ(r->per_request[7].prefix_hits_host + r->per_request[7].prefix_hits_nvme, 4);
+  EXPECT_GT(r->prefix_hits_nvme, 0);  // the host part holds two blocks only
+  EXPECT_EQ(r->prefix_bytes_loaded, 9 * 131072);
+  // The same K/V either way: only the clock and the counters differ.
+  EXPECT_EQ(r->served_exact, none->served_exact);
+  EXPECT_LT(r->virtual_seconds, none->virtual_seconds);
+}
+
 TEST(Replay, BadOptionsAreErrors) {
   const Trace t = SmallTrace();
   ReplayOptions o = SmallOptions();

@@ -30,6 +30,8 @@ ABSL_FLAG(std::string, device_budget, "10%", "device budget: bytes (e.g. 2GiB) o
 ABSL_FLAG(std::string, host_bytes, "0", "host-tier cap in bytes (0: none)");
 ABSL_FLAG(std::string, nvme_dir, "", "directory of the NVMe tier's file (needs --host-bytes)");
 ABSL_FLAG(std::string, nvme_bytes, "0", "NVMe-tier cap in bytes");
+ABSL_FLAG(std::string, prefix_host_bytes, "0", "prefix store in host memory: K/V of prompt blocks by hash id (0: none)");
+ABSL_FLAG(std::string, prefix_nvme_bytes, "0", "prefix store on NVMe, below the host part (0: none)");
 ABSL_FLAG(int, block_size, 0, "tokens per host-tier block (0: the runtime's default)");
 ABSL_FLAG(std::string, policy, "shrink", "vague-token policy: shrink | estimate | drop");
 ABSL_FLAG(std::string, sketch, "count-sketch", "sketch: count-sketch | centroid | none");
@@ -138,7 +140,9 @@ int Run() {
     o.device_budget_bytes = *b;
   }
   for (auto [flag, name, out] : {std::tuple{&FLAGS_host_bytes, "--host-bytes", &o.host_bytes},
-                                 {&FLAGS_nvme_bytes, "--nvme-bytes", &o.nvme_bytes}}) {
+                                 {&FLAGS_nvme_bytes, "--nvme-bytes", &o.nvme_bytes},
+                                 {&FLAGS_prefix_host_bytes, "--prefix-host-bytes", &o.prefix_host_bytes},
+                                 {&FLAGS_prefix_nvme_bytes, "--prefix-nvme-bytes", &o.prefix_nvme_bytes}}) {
     absl::StatusOr<int64_t> b = ParseBytes(absl::GetFlag(*flag));
     if (!b.ok()) return Fail(std::string(name) + ": " + std::string(b.status().message()));
     *out = *b;

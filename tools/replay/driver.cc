@@ -4,8 +4,10 @@
 #include <chrono>
 #include <cmath>
 #include <deque>
+#include <list>
 #include <memory>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "kvtier/runtime.h"
@@ -26,6 +28,50 @@ struct Live {
   int64_t length = 0;          // tokens appended to every layer
   int64_t decode_left = 0;     // decode steps still to run
   int64_t tier_bytes = 0;      // projected tier bytes at its final length
+};
+
+// Prompt blocks by hash id whose K/V were computed once: an LRU list over a
+// host part and an NVMe part (accounting of the driver, not runtime blocks).
+class PrefixStore {
+ public:
+  PrefixStore(int64_t block_bytes, int64_t host_bytes, int64_t nvme_bytes)
+      : host_cap_(block_bytes > 0 ? host_bytes / block_bytes : 0),
+        nvme_cap_(block_bytes > 0 ? nvme_bytes / block_bytes : 0) {}
+  enum Where { kMiss = 0, kHost = 1, kNvme = 2 };
+  // Where the block is now; a hit moves it to the front of the host part.
+  Where Lookup(int64_t id) {
+    auto it = where_.find(id);
+    if (it == where_.end()) return kMiss;
+    const Where w = it->second.first;
+    Erase(id);
+    Insert(id);
+    return w;
+  }
+  void Insert(int64_t id) {
+    if (host_cap_ + nvme_cap_ == 0 || where_.contains(id)) return;
+    host_.push_front(id);
+    where_[id] = {kHost, host_.begin()};
+    while (static_cast<int64_t>(host_.size()) > host_cap_) {  // LRU host block down to NVMe
+      const int64_t down = host_.back();
+      host_.pop_back();
+      nvme_.push_front(down);
+      where_[down] = {kNvme, nvme_.begin()};
+    }
+    while (static_cast<int64_t>(nvme_.size()) > nvme_cap_) {
+      where_.erase(nvme_.back());
+      nvme_.pop_back();
+    }
+  }
+
+ private:
+  void Erase(int64_t id) {
+    auto it = where_.find(id);
+    (it->second.first == kHost ? host_ : nvme_).erase(it->second.second);
+    where_.erase(it);
+  }
+  int64_t host_cap_, nvme_cap_;
+  std::list<int64_t> host_, nvme_;
+  absl::flat_hash_map<int64_t, std::pair<Where, std::list<int64_t>::iterator>> where_;
 };
 
 struct Totals {
@@ -140,6 +186,8 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
       options.host_bytes > 0 ? options.host_bytes + (options.nvme_dir.empty() ? 0 : options.nvme_bytes) : 0;
 
   const HardwareProfile& hw = options.profile;
+  const int64_t prefix_block_bytes = block * sh.TokenBytes();
+  PrefixStore prefix(prefix_block_bytes, options.prefix_host_bytes, options.prefix_nvme_bytes);
   const int64_t row = sh.head_dim * static_cast<int64_t>(DTypeSize(sh.dtype));
   const int64_t token_bytes = sh.HeadTokenBytes();
   double t = 0;  // virtual microseconds
@@ -177,6 +225,25 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
     if (absl::Status st = rt.AddSequence(static_cast<SequenceId>(i)); !st.ok()) return st;
     const Totals before = Snapshot(rt);
     const int64_t P = r.prompt_tokens;
+    // Prefix reuse: the leading prompt blocks found in the prefix store are
+    // copied in (the same K/V: the content model keys blocks by hash id)
+    // instead of recomputed; the rest of the prompt is prefilled.
+    double load_us = 0;
+    int64_t reused = 0;
+    for (int64_t b = 0; b < static_cast<int64_t>(tq.hash_ids.size()) && (b + 1) * block <= P; ++b) {
+      const PrefixStore::Where w = prefix.Lookup(tq.hash_ids[b]);
+      if (w == PrefixStore::kMiss) break;
+      ++reused;
+      (w == PrefixStore::kHost ? r.prefix_hits_host : r.prefix_hits_nvme) += 1;
+      load_us += static_cast<double>(prefix_block_bytes) / (hw.h2d_gbps * 1e3);
+      if (w == PrefixStore::kNvme) load_us += static_cast<double>(prefix_block_bytes) / (hw.nvme_read_gbps * 1e3) + hw.nvme_latency_us;
+    }
+    res.prefix_hits_host += r.prefix_hits_host;
+    res.prefix_hits_nvme += r.prefix_hits_nvme;
+    res.prefix_bytes_loaded += reused * prefix_block_bytes;
+    for (int64_t b = 0; b < static_cast<int64_t>(tq.hash_ids.size()) && (b + 1) * block <= P; ++b) {
+      prefix.Insert(tq.hash_ids[b]);
+    }
     for (int64_t first = 0; first < P; first += options.prefill_chunk) {
       const int64_t c = std::min<int64_t>(options.prefill_chunk, P - first);
       kbuf.resize(c * H * row);
@@ -201,7 +268,8 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
     res.prefix_blocks += r.prefix_blocks;
     res.token_events += P * L;
     // The model's prefill work, and the tokens leaving the device for the host tier.
-    t += static_cast<double>(P) * hw.prefill_token_us + static_cast<double>(after.d2h - before.d2h) / (hw.d2h_gbps * 1e3);
+    t += static_cast<double>(P - reused * block) * hw.prefill_token_us + load_us +
+         static_cast<double>(after.d2h - before.d2h) / (hw.d2h_gbps * 1e3);
     r.admitted = true;
     r.admit_us = r.admit_us == 0 ? t : r.admit_us;
     r.first_token_us = t;
@@ -369,8 +437,9 @@ std::string ReplaySummary(const ReplayResult& r, const ReplayOptions& o) {
   absl::StrAppendFormat(&s, "bytes: device->host %d, host->device %d, NVMe read %d, NVMe write %d\n", r.bytes_d2h,
                         r.bytes_h2d, r.bytes_nvme_read, r.bytes_nvme_write);
   if (r.prefix_blocks > 0) {
-    absl::StrAppendFormat(&s, "prefix blocks: %d, hits host %.2f%%, NVMe %.2f%%\n", r.prefix_blocks,
-                          pct(r.prefix_hits_host, r.prefix_blocks), pct(r.prefix_hits_nvme, r.prefix_blocks));
+    absl::StrAppendFormat(&s, "prefix blocks: %d, reused from host %.2f%%, from NVMe %.2f%% (%d bytes copied, not recomputed)\n",
+                          r.prefix_blocks, pct(r.prefix_hits_host, r.prefix_blocks),
+                          pct(r.prefix_hits_nvme, r.prefix_blocks), r.prefix_bytes_loaded);
   }
   absl::StrAppendFormat(&s, "virtual clock: %.1f s; decode step p50 %.0f us, p99 %.0f us\n", r.virtual_seconds,
                         Percentile(r.step_us, 50), Percentile(r.step_us, 99));
@@ -414,6 +483,7 @@ std::string ReplayJson(const ReplayResult& r, const ReplayOptions& o) {
   dbl("prefix_hit_rate", rate(r.prefix_hits_host + r.prefix_hits_nvme, r.prefix_blocks));
   dbl("prefix_hit_rate_host", rate(r.prefix_hits_host, r.prefix_blocks));
   dbl("prefix_hit_rate_nvme", rate(r.prefix_hits_nvme, r.prefix_blocks));
+  i64("prefix_bytes_loaded", r.prefix_bytes_loaded);
   i64("final_host_bytes", r.final_host_bytes);
   i64("final_nvme_bytes", r.final_nvme_bytes);
   i64("final_blocks", r.final_blocks);

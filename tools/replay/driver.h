@@ -45,6 +45,10 @@ struct ReplayOptions {
   VaguePolicy policy = VaguePolicy::kShrink;
   RecallProxy proxy = RecallProxy::kSketch;
   int prefill_chunk = 512;          // prompt tokens per Append call
+  // Prefix store: K/V of prompt blocks (by hash id) kept after their prefill,
+  // least recently used first out, host part then NVMe part; 0 = none.
+  int64_t prefix_host_bytes = 0;
+  int64_t prefix_nvme_bytes = 0;
   uint64_t seed = 1;
   HardwareProfile profile;
   ContentOptions content_options;   // seed and block_tokens are set from the above
@@ -75,6 +79,7 @@ struct ReplayResult {
   int64_t recall_requested = 0, recall_late = 0;  // token-heads; late by the virtual clock
   int64_t bytes_d2h = 0, bytes_h2d = 0, bytes_nvme_read = 0, bytes_nvme_write = 0;
   int64_t prefix_blocks = 0, prefix_hits_host = 0, prefix_hits_nvme = 0;
+  int64_t prefix_bytes_loaded = 0;  // K/V of prefix hits copied instead of recomputed
   int64_t final_host_bytes = 0, final_nvme_bytes = 0, final_blocks = 0;
   double virtual_seconds = 0;
   double wall_seconds = 0;
