@@ -1,0 +1,5 @@
+import sys
+
+from kvtier.fidelity.harness import main
+
+sys.exit(main())
