@@ -808,9 +808,14 @@ absl::StatusOr<std::vector<int64_t>> HeadCache::Rank(RecallProxy proxy, const vo
       return class_score[a] > class_score[b] || (class_score[a] == class_score[b] && a < b);
     });
     for (uint32_t c : classes) {
-      // The most recent first within a class.
+      // The most recent first within a class: order only as many members as
+      // can still be taken, all of them when some of those are in flight.
       std::vector<uint32_t> members = class_members_[c];
-      std::sort(members.begin(), members.end(), std::greater<>());
+      const size_t want = std::min(members.size(), static_cast<size_t>(count) - out.size());
+      std::partial_sort(members.begin(), members.begin() + want, members.end(), std::greater<>());
+      size_t taken = 0;
+      for (size_t m = 0; m < want; ++m) taken += !in_flight_[members[m]];
+      if (taken < want) std::sort(members.begin() + want, members.end(), std::greater<>());
       for (uint32_t pos : members) {
         if (static_cast<int>(out.size()) == count) return out;
         if (!in_flight_[pos]) out.push_back(pos);
