@@ -74,6 +74,7 @@ HostBlockPool::HostBlockPool(Backend& backend, const Options& o, int64_t blocks_
 
 HostBlockPool::~HostBlockPool() {
   for (size_t i = 0; i < chunks_.size(); ++i) {
+    if (chunks_[i] == nullptr) continue;  // accounting_only
     if (pinned_by_[i] == 2) munlock(chunks_[i], static_cast<size_t>(chunk_blocks_[i] * block_bytes_));
     backend_.FreeHost(chunks_[i]);
   }
@@ -87,6 +88,13 @@ absl::Status HostBlockPool::Grow() {
     return absl::ResourceExhaustedError(absl::StrFormat("host pool: %d blocks is the most it can index", have));
   }
   const int64_t bytes = n * block_bytes_;
+  if (options_.accounting_only) {
+    chunks_.push_back(nullptr);
+    chunk_blocks_.push_back(n);
+    pinned_by_.push_back(0);
+    reserved_blocks_ += n;
+    return absl::OkStatus();
+  }
   absl::StatusOr<void*> mem = backend_.AllocateHost(bytes);
   if (!mem.ok()) {
     return absl::ResourceExhaustedError(absl::StrFormat("host pool: cannot grow by %d bytes (%d in use): %s", bytes,
@@ -144,7 +152,7 @@ absl::Status HostBlockPool::Free(BlockId block) {
 
 char* HostBlockPool::Data(BlockId block) const {
   std::shared_lock lock(mu_);
-  if (!ids_.InUse(block)) return nullptr;
+  if (!ids_.InUse(block) || options_.accounting_only) return nullptr;
   // Every chunk but a capped last one holds blocks_per_chunk_ blocks.
   return chunks_[block / blocks_per_chunk_] + static_cast<int64_t>(block % blocks_per_chunk_) * block_bytes_;
 }
@@ -156,7 +164,7 @@ HostBlockPool::Stats HostBlockPool::GetStats() const {
   s.blocks_in_use = ids_.used();
   s.peak_blocks_in_use = ids_.peak();
   s.capacity_blocks = ids_.cap();
-  s.reserved_bytes = reserved_blocks_ * block_bytes_;
+  s.reserved_bytes = options_.accounting_only ? 0 : reserved_blocks_ * block_bytes_;
   s.pinned_bytes = pinned_bytes_;
   s.numa_node = numa_node_;
   return s;
@@ -165,7 +173,9 @@ HostBlockPool::Stats HostBlockPool::GetStats() const {
 std::vector<std::pair<char*, int64_t>> HostBlockPool::Chunks() const {
   std::shared_lock lock(mu_);
   std::vector<std::pair<char*, int64_t>> out;
-  for (size_t i = 0; i < chunks_.size(); ++i) out.emplace_back(chunks_[i], chunk_blocks_[i] * block_bytes_);
+  for (size_t i = 0; i < chunks_.size(); ++i) {
+    if (chunks_[i] != nullptr) out.emplace_back(chunks_[i], chunk_blocks_[i] * block_bytes_);
+  }
   return out;
 }
 

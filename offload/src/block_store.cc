@@ -335,7 +335,7 @@ int64_t BlockStore::DemoteColdest(bool force) {
     const char* src = host_.Data(b.host);
     b.demoting = true;
     b.disk = *db;
-    b.checksum = Checksum(src, block_bytes_);
+    b.checksum = options_.content_free ? 0 : Checksum(src, block_bytes_);
     ++s.demoting;
     ++s.in_flight;
     ++started;
@@ -415,7 +415,7 @@ absl::Status BlockStore::Write(Ref ref, int64_t offset, const void* src, int64_t
     return absl::InvalidArgumentError(absl::StrFormat("block store: %d bytes at offset %d are outside a block of %d",
                                                       bytes, offset, block_bytes_));
   }
-  std::memcpy(host_.Data(b.host) + offset, src, static_cast<size_t>(bytes));
+  if (!options_.content_free) std::memcpy(host_.Data(b.host) + offset, src, static_cast<size_t>(bytes));
   s.stats.bytes_device_to_host += bytes;
   return absl::OkStatus();
 }
@@ -495,7 +495,18 @@ std::shared_ptr<Transfer> BlockStore::Gather(std::vector<GatherPart> parts) {
         if (!b.reading) StartDiskRead(ref);
       }
     }
-    if (!host_parts.empty()) {
+    if (!host_parts.empty() && options_.content_free) {
+      // Nothing to copy: the parts complete now, with their bytes counted.
+      ++s.in_flight;
+      std::vector<int64_t> bytes(host_parts.size(), 0);
+      for (size_t i = 0; i < host_parts.size(); ++i) {
+        for (const GatherRow& r : host_rows[i].second) bytes[i] += r.bytes;
+      }
+      s.deferred.push_back([this, host_parts = std::move(host_parts), bytes = std::move(bytes), transfer]() mutable {
+        std::vector<absl::Status> status(host_parts.size());
+        FinishHostParts(std::move(host_parts), std::move(bytes), transfer, std::move(status));
+      });
+    } else if (!host_parts.empty()) {
       ++s.in_flight;
       s.jobs.push_back([this, host_parts = std::move(host_parts), host_rows = std::move(host_rows), transfer]() mutable {
         std::vector<absl::Status> status(host_parts.size());
@@ -541,6 +552,9 @@ absl::Status BlockStore::Read(Ref ref, int64_t offset, void* dst, int64_t bytes)
     if (b.loc == State::Loc::kLost) {
       return absl::DataLossError(absl::StrFormat("block store: block %d is lost (checksum failed twice)", ref));
     }
+    if (options_.content_free) {
+      return absl::FailedPreconditionError("block store: blocks hold no contents (content_free)");
+    }
     if (b.host != kNoBlock) {
       std::memcpy(dst, host_.Data(b.host) + offset, static_cast<size_t>(bytes));
       return absl::OkStatus();
@@ -563,6 +577,8 @@ void BlockStore::StartDiskRead(Ref ref) {
     AnnounceChunks(s, host_, options_.on_new_host_chunk);
     b.read_host = *hb;
     buf = host_.Data(*hb);
+  } else if (options_.content_free) {  // host tier full: no promotion, nothing to read into
+    buf = nullptr;
   } else {  // host tier full: read into heap memory, no promotion
     b.read_heap = static_cast<char*>(std::aligned_alloc(4096, static_cast<size_t>(block_bytes_)));
     buf = b.read_heap;
@@ -581,7 +597,7 @@ void BlockStore::OnRead(Ref ref, absl::Status st) {
     State::Block& b = s.blocks[ref];
     char* buf = b.read_host != kNoBlock ? host_.Data(b.read_host) : b.read_heap;
     bool checksum_failed = false;
-    if (st.ok() && Checksum(buf, block_bytes_) != b.checksum) {
+    if (st.ok() && !options_.content_free && Checksum(buf, block_bytes_) != b.checksum) {
       ++s.stats.checksum_failures;
       checksum_failed = true;
       st = absl::DataLossError(absl::StrFormat("block store: block %d read from the %s tier fails its checksum", ref,
@@ -629,7 +645,9 @@ void BlockStore::OnRead(Ref ref, absl::Status st) {
       for (State::Waiter& w : b.waiting) {
         absl::Status ws;
         for (const GatherRow& r : w.rows) {
-          if (w.to_host) {
+          if (options_.content_free) {
+            if (!w.to_host) s.stats.bytes_host_to_device += r.bytes;
+          } else if (w.to_host) {
             std::memcpy(r.dst, buf + r.offset, static_cast<size_t>(r.bytes));
           } else {
             ws.Update(backend_.Copy(r.dst, buf + r.offset, r.bytes, CopyKind::kHostToDevice));

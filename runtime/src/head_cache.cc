@@ -23,6 +23,14 @@ float InitialScore(const AppendSource& src, int64_t row) {
   return src.scores ? src.scores[row * src.score_stride] : 0.0f;
 }
 
+// Plan-only weight classes: a quarter octave each, the heaviest first.
+constexpr int kWeightClasses = 64;
+uint32_t WeightClass(float w) {
+  if (!(w > 0)) return kWeightClasses - 1;
+  const double c = std::floor((2.0 - std::log2(static_cast<double>(w))) * 4.0);
+  return static_cast<uint32_t>(std::clamp(c, 0.0, static_cast<double>(kWeightClasses - 1)));
+}
+
 }  // namespace
 
 HeadCache::HeadCache(const HeadContext& ctx, char* chunk, int layer, int kv_head)
@@ -33,6 +41,7 @@ HeadCache::HeadCache(const HeadContext& ctx, char* chunk, int layer, int kv_head
       recent_(ctx.plan->recent_tokens),
       candidates_(ctx.plan->candidate_tokens),
       staging_(ctx.plan->staging_tokens),
+      plan_only_(ctx.options->plan_only),
       k_slots_(chunk + ctx.layout.k_slots),
       v_slots_(chunk + ctx.layout.v_slots),
       slot_probs_(ctx.layout.slot_probs >= 0 ? reinterpret_cast<float*>(chunk + ctx.layout.slot_probs) : nullptr),
@@ -60,11 +69,16 @@ HeadCache::HeadCache(const HeadContext& ctx, char* chunk, int layer, int kv_head
   probs_host_.assign(plan.slots(), 0.0f);
   stage_.assign(staging_, Stage::kFree);
   installed_at_.assign(staging_, 0);
-  by_class_ = HasSketch() && sketch_.rows == 1;
-  if (by_class_) class_members_.resize(sketch_.kind == SketchKind::kCountSketch ? 2 * sketch_.width : sketch_.width);
+  by_class_ = plan_only_ || (HasSketch() && sketch_.rows == 1);
+  if (plan_only_) {
+    class_members_.resize(kWeightClasses);
+  } else if (by_class_) {
+    class_members_.resize(sketch_.kind == SketchKind::kCountSketch ? 2 * sketch_.width : sketch_.width);
+  }
 }
 
 absl::Status HeadCache::Init() {
+  if (plan_only_) return absl::OkStatus();  // no device state is ever read
   if (slot_probs_ != nullptr) {
     if (absl::Status st = ctx_.backend->ZeroDevice(slot_probs_, static_cast<int64_t>(slot_pos_.size()) * 4); !st.ok())
       return st;
@@ -200,6 +214,27 @@ const void* HeadCache::HostView(const char* device, int64_t bytes, std::vector<c
 
 absl::Status HeadCache::WriteToStore(std::span<const Move> moves, const AppendSource& src) {
   const int64_t rb = ctx_.row_bytes;
+  if (plan_only_) {  // the same runs, blocks, heat and seals; no bytes to gather
+    size_t i = 0;
+    while (i < moves.size()) {
+      const uint32_t ord0 = ordinal_[moves[i].pos];
+      const BlockStore::Ref block = OrdinalBlock(ord0);
+      size_t j = i;
+      float heat = 0.0f;
+      while (j < moves.size() && OrdinalBlock(ordinal_[moves[j].pos]) == block) heat += moves[j++].score;
+      const int64_t bytes = static_cast<int64_t>(j - i) * rb;
+      if (absl::Status st = ctx_.store->Write(block, OrdinalOffset(ord0), nullptr, bytes); !st.ok()) return st;
+      if (absl::Status st = ctx_.store->Write(block, VOffset() + OrdinalOffset(ord0), nullptr, bytes); !st.ok())
+        return st;
+      ctx_.store->AddHeat(block, heat);
+      i = j;
+    }
+    while (sealed_ < static_cast<int64_t>(blocks_.size()) &&
+           (sealed_ + 1) * static_cast<int64_t>(block_tokens()) <= static_cast<int64_t>(next_ordinal_)) {
+      ctx_.store->Seal(blocks_[sealed_++]);
+    }
+    return absl::OkStatus();
+  }
   const int d = ctx_.options->shape.head_dim;
   const DType dtype = ctx_.options->shape.dtype;
   std::vector<char> k_run, v_run, bounce;
@@ -275,7 +310,7 @@ absl::Status HeadCache::WriteToStore(std::span<const Move> moves, const AppendSo
 
 void HeadCache::SketchUpdate(float sign, std::span<const int32_t> positions, const void* keys, const void* values,
                              int64_t stride_elems, std::span<const int32_t> rows_index) {
-  if (!HasSketch() || positions.empty()) return;
+  if (!HasSketch() || plan_only_ || positions.empty()) return;
   const int rows = sketch_.rows;
   const bool centroid = sketch_.kind == SketchKind::kCentroid;
   std::vector<uint32_t> buckets;
@@ -320,6 +355,7 @@ void HeadCache::SketchUpdateFromRows(float sign, std::span<const int32_t> positi
 }
 
 uint32_t HeadCache::ClassOf(int32_t pos) const {
+  if (plan_only_) return WeightClass(weight_[pos]);
   if (sketch_.kind == SketchKind::kCountSketch) {
     const uint32_t h = kernels::TokenHash(kernels::RowSeed(sketch_.seed, 0), static_cast<uint32_t>(pos));
     return 2 * kernels::Bucket(h, sketch_.width) + (kernels::Sign(h) < 0 ? 1 : 0);
@@ -374,6 +410,13 @@ absl::Status HeadCache::ApplyAppend(const AppendPlan& plan, const AppendSource& 
   index_.resize(first + plan.n, 0);
   ordinal_.resize(first + plan.n, kNoOrdinal);
   blocks_.insert(blocks_.end(), blocks.begin(), blocks.end());
+  if (plan_only_) {
+    weight_.resize(first + plan.n, 1.0f);
+    if (src.weights != nullptr) {
+      for (int64_t i = 0; i < plan.n; ++i) weight_[first + i] = src.weights[i * src.score_stride];
+    }
+    for (int64_t i = 0; i < plan.n; ++i) weight_sum_ += weight_[first + i];
+  }
 
   // 1. Tokens leaving the device: exact K/V to the host tier, then the sketch.
   //    Their slots are read before step 2 overwrites them.
@@ -413,13 +456,15 @@ absl::Status HeadCache::ApplyAppend(const AppendPlan& plan, const AppendSource& 
   const int64_t rb = ctx_.row_bytes;
   if (!ss_src.empty()) {
     const int32_t n = static_cast<int32_t>(ss_src.size());
+    if (!plan_only_) {
     const kernels::RowCopyParams copies[2] = {
         {k_slots_, k_slots_, rb, rb, rb, n, ss_dst.data(), ss_src.data()},
         {v_slots_, v_slots_, rb, rb, rb, n, ss_dst.data(), ss_src.data()}};
     kernels.CopyRows(copies);
+    }
     for (int32_t s : ss_src) slot_pos_[s] = -1;
   }
-  if (!rs_src.empty()) {
+  if (!rs_src.empty() && !plan_only_) {
     const int32_t n = static_cast<int32_t>(rs_src.size());
     const kernels::RowCopyParams copies[2] = {
         {k_slots_, src.k, rb, rb, src.stride_bytes, n, rs_dst.data(), rs_src.data()},
@@ -473,10 +518,18 @@ void HeadCache::FillAttend(kernels::AttendParams& p) {
 absl::Status HeadCache::AfterAttend() {
   ++attends_;
   if (slot_probs_ == nullptr) return absl::OkStatus();  // nothing is ever evicted
-  if (absl::Status st = ctx_.backend->Copy(probs_host_.data(), slot_probs_, probs_host_.size() * sizeof(float),
-                                           CopyKind::kDeviceToHost);
-      !st.ok())
+  if (plan_only_) {
+    // The model's softmax: weight over all the head's weights, summed over the
+    // query group (as the kernel's slot probabilities are).
+    const float norm = weight_sum_ > 0 ? static_cast<float>(ctx_.options->shape.group() / weight_sum_) : 0.0f;
+    for (const kernels::SlotRange& r : ranges_) {
+      for (int32_t s = r.begin; s < r.begin + r.count; ++s) probs_host_[s] = weight_[slot_pos_[s]] * norm;
+    }
+  } else if (absl::Status st = ctx_.backend->Copy(probs_host_.data(), slot_probs_,
+                                                  probs_host_.size() * sizeof(float), CopyKind::kDeviceToHost);
+             !st.ok()) {
     return st;
+  }
   const float decay = static_cast<float>(ctx_.options->score_decay);
   last_resident_ = 0;
   for (const kernels::SlotRange& r : ranges_) {
@@ -704,6 +757,11 @@ absl::StatusOr<std::vector<int64_t>> HeadCache::Rank(RecallProxy proxy, const vo
   // Sketch scores (the estimated logit) of tokens `ids`.
   auto score_tokens = [&](const std::vector<uint32_t>& ids) {
     const int64_t n = static_cast<int64_t>(ids.size());
+    if (plan_only_) {
+      std::vector<float> w(n);
+      for (int64_t i = 0; i < n; ++i) w[i] = weight_[ids[i]];
+      return w;
+    }
     std::vector<uint32_t> buckets;
     if (sketch_.kind == SketchKind::kCentroid) {
       buckets.resize(n * sketch_.rows);
@@ -741,7 +799,7 @@ absl::StatusOr<std::vector<int64_t>> HeadCache::Rank(RecallProxy proxy, const vo
     class_score.assign(class_members_.size(), -INFINITY);
     for (size_t i = 0; i < reps.size(); ++i) class_score[rep_class[i]] = s[i];
   }
-  if (proxy == RecallProxy::kSketch && by_class_) {
+  if ((proxy == RecallProxy::kSketch || plan_only_) && by_class_) {
     std::vector<uint32_t> classes;
     for (uint32_t c = 0; c < class_members_.size(); ++c) {
       if (!class_members_[c].empty()) classes.push_back(c);
@@ -750,9 +808,14 @@ absl::StatusOr<std::vector<int64_t>> HeadCache::Rank(RecallProxy proxy, const vo
       return class_score[a] > class_score[b] || (class_score[a] == class_score[b] && a < b);
     });
     for (uint32_t c : classes) {
-      // The most recent first within a class.
+      // The most recent first within a class: order only as many members as
+      // can still be taken, all of them when some of those are in flight.
       std::vector<uint32_t> members = class_members_[c];
-      std::sort(members.begin(), members.end(), std::greater<>());
+      const size_t want = std::min(members.size(), static_cast<size_t>(count) - out.size());
+      std::partial_sort(members.begin(), members.begin() + want, members.end(), std::greater<>());
+      size_t taken = 0;
+      for (size_t m = 0; m < want; ++m) taken += !in_flight_[members[m]];
+      if (taken < want) std::sort(members.begin() + want, members.end(), std::greater<>());
       for (uint32_t pos : members) {
         if (static_cast<int>(out.size()) == count) return out;
         if (!in_flight_[pos]) out.push_back(pos);
@@ -821,6 +884,7 @@ absl::StatusOr<std::vector<int64_t>> HeadCache::Rank(RecallProxy proxy, const vo
 // ---------------------------------------------------------------- Introspection
 
 absl::Status HeadCache::ReadToken(int64_t pos, void* k, void* v) const {
+  if (plan_only_) return absl::FailedPreconditionError("a plan-only runtime holds no K/V");
   const int64_t rb = ctx_.row_bytes;
   if (region(pos) == Region::kVague) {
     const uint32_t ord = ordinal_[pos];
@@ -834,6 +898,7 @@ absl::Status HeadCache::ReadToken(int64_t pos, void* k, void* v) const {
 
 absl::Status HeadCache::EstimateToken(int64_t pos, float* k, float* v) const {
   if (!HasSketch()) return absl::FailedPreconditionError("no sketch (sketch_kind none)");
+  if (plan_only_) return absl::FailedPreconditionError("a plan-only runtime holds no sketch contents");
   if (region(pos) != Region::kVague) {
     return absl::FailedPreconditionError(
         absl::StrFormat("token %d of layer %d, KV head %d is %s, not vague", pos, layer_, kv_head_,
@@ -934,7 +999,7 @@ absl::Status HeadCache::CheckInvariants() const {
   const int64_t b = ctx_.plan->block_tokens;
   if (static_cast<int64_t>(blocks_.size()) != (next_ordinal_ + b - 1) / b)
     return fail(absl::StrFormat("%d blocks for %d ordinals", blocks_.size(), next_ordinal_));
-  if (HasSketch()) {
+  if (HasSketch() && !plan_only_) {
     std::vector<float> totals(2 * sketch_.head_dim + 2);
     std::vector<float> counts(2LL * sketch_.rows * sketch_.width);
     if (absl::Status st = ctx_.backend->Copy(totals.data(), sketch_.totals, totals.size() * 4, CopyKind::kDeviceToHost);

@@ -14,6 +14,13 @@
 // the tokens' exact K/V into them; until PollRecalls installs a completed
 // transfer, the tokens stay vague and attention uses the sketch for them.
 //
+// Plan-only (Options::plan_only): the same bookkeeping without contents. No
+// kernel runs and no K/V are read or written (src.k, src.v are null); each
+// token carries an attention weight, AfterAttend takes the step's slot
+// probabilities from the weights instead of the attention kernel, and the
+// vague tokens are ranked by weight, in classes of a quarter octave (the
+// class machinery of one-row sketches, with weight classes for hash classes).
+//
 // Not thread-safe: the owning sequence serialises calls; distinct HeadCaches
 // may be used concurrently.
 #ifndef KVTIER_RUNTIME_SRC_HEAD_CACHE_H_
@@ -55,6 +62,7 @@ struct AppendSource {
   int64_t stride_bytes = 0;
   const float* scores = nullptr;  // [host] row i's initial score at scores[i * score_stride]; may be null
   int64_t score_stride = 0;
+  const float* weights = nullptr;  // [host] plan-only: row i's attention weight (stride score_stride); may be null
 };
 
 class HeadCache {
@@ -147,7 +155,7 @@ class HeadCache {
   char* KSlot(int32_t slot) const { return k_slots_ + slot * ctx_.row_bytes; }
   char* VSlot(int32_t slot) const { return v_slots_ + slot * ctx_.row_bytes; }
   bool HasSketch() const { return sketch_.kind != SketchKind::kNone; }
-  bool MirrorsVagueIds() const { return vague_ids_dev_ != nullptr; }
+  bool MirrorsVagueIds() const { return vague_ids_dev_ != nullptr && !plan_only_; }
   int block_tokens() const { return ctx_.plan->block_tokens; }
 
   // Block-store location of an ordinal: block and byte offset of its K row
@@ -182,6 +190,7 @@ class HeadCache {
   const int layer_;
   const int kv_head_;
   const int32_t sink_, recent_, candidates_, staging_;
+  const bool plan_only_;
 
   // Device memory.
   char* k_slots_;
@@ -220,6 +229,9 @@ class HeadCache {
   int64_t attends_ = 0;             // attends run so far
   int64_t last_resident_ = 0;       // tokens the last attend saw exactly
   RecallStats recall_;
+  // Plan-only: attention weight of every token, and their sum.
+  std::vector<float> weight_;       // [length]
+  double weight_sum_ = 0;
 };
 
 }  // namespace kvtier

@@ -17,6 +17,7 @@
 #include "kvtier/backend.h"
 #include "kvtier/kernels/hash.h"
 #include "kvtier/offload/block_store.h"
+#include "kvtier/offload/counting_tier.h"
 #include "kvtier/offload/host_tier.h"
 #include "kvtier/offload/nvme_tier.h"
 #include "oneapi/tbb/parallel_for.h"
@@ -135,12 +136,14 @@ class Runtime::Impl {
     return options.recall_proxy == RecallProxy::kNone ? RecallProxy::kSketch : options.recall_proxy;
   }
 
-  // The query heads of one KV head in q ([q_heads][head_dim]).
+  // The query heads of one KV head in q ([q_heads][head_dim]); null for a null q.
   const void* QueryGroup(const void* q, int kv_head) const {
+    if (q == nullptr) return nullptr;
     return static_cast<const char*>(q) + static_cast<int64_t>(kv_head) * options.shape.group() * q_row_bytes();
   }
 
   absl::Status CheckQuery(const void* q) const {
+    if (options.plan_only) return absl::OkStatus();  // ranking by weight: no query
     if (q == nullptr) return absl::InvalidArgumentError("q must not be null");
     return CheckFinite(q, static_cast<int64_t>(options.shape.q_heads) * options.shape.head_dim, "q");
   }
@@ -227,13 +230,22 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const Options& options)
   const int64_t row_bytes = sh.head_dim * static_cast<int64_t>(DTypeSize(sh.dtype));
   const int64_t block_bytes = plan->block_tokens * sh.HeadTokenBytes();
   absl::StatusOr<std::unique_ptr<HostTier>> host =
-      HostTier::Create(*impl->backend, {.block_bytes = block_bytes, .capacity_bytes = options.host_tier_bytes});
+      HostTier::Create(*impl->backend, {.block_bytes = block_bytes,
+                                        .capacity_bytes = options.host_tier_bytes,
+                                        .accounting_only = options.plan_only});
   if (!host.ok()) return host.status();
   impl->host_tier = std::move(*host);
   BlockStore::Options store_options;
   store_options.high_watermark = options.demote_high;
   store_options.low_watermark = options.demote_low;
-  if (options.disk_tier != nullptr) {
+  store_options.content_free = options.plan_only;
+  if (options.plan_only && (options.disk_tier != nullptr || !options.nvme_dir.empty())) {
+    // The disk tier's capacity, without its contents.
+    const int64_t cap = options.disk_tier != nullptr ? options.disk_tier->Stats().capacity_bytes : options.nvme_bytes;
+    absl::StatusOr<std::unique_ptr<CountingTier>> disk = CountingTier::Create(block_bytes, cap);
+    if (!disk.ok()) return disk.status();
+    impl->disk_tier = std::move(*disk);
+  } else if (options.disk_tier != nullptr) {
     if (options.disk_tier->block_bytes() != block_bytes) {
       return absl::InvalidArgumentError(absl::StrFormat(
           "options.disk_tier has blocks of %d bytes; the plan's blocks are %d tokens x %d bytes = %d",
@@ -351,20 +363,26 @@ absl::Status Runtime::Append(SequenceId id, int layer, const void* k, const void
   const ModelShape& sh = I.options.shape;
   if (absl::Status st = I.CheckLayer(layer); !st.ok()) return st;
   if (n < 1) return absl::InvalidArgumentError(absl::StrFormat("append of %d tokens: n must be >= 1", n));
-  if (k == nullptr || v == nullptr) return absl::InvalidArgumentError("append: k and v must not be null");
+  const bool plan_only = I.options.plan_only;
+  if (!plan_only && (k == nullptr || v == nullptr)) {
+    return absl::InvalidArgumentError("append: k and v must not be null");
+  }
   if (n > I.options.max_context) {  // before reading n rows of the caller's buffers
     return absl::ResourceExhaustedError(absl::StrFormat(
         "appending %d tokens to layer %d of sequence %d would exceed max_context %d", n, layer, id,
         I.options.max_context));
   }
   const int64_t elems = n * sh.kv_heads * sh.head_dim;
-  if (absl::Status st = I.CheckFinite(k, elems, "k"); !st.ok()) return st;
-  if (absl::Status st = I.CheckFinite(v, elems, "v"); !st.ok()) return st;
-  if (options.scores != nullptr) {
+  if (!plan_only) {
+    if (absl::Status st = I.CheckFinite(k, elems, "k"); !st.ok()) return st;
+    if (absl::Status st = I.CheckFinite(v, elems, "v"); !st.ok()) return st;
+  }
+  for (const auto& [values, what] : {std::pair{options.scores, "scores"}, std::pair{options.weights, "weights"}}) {
+    if (values == nullptr || (values == options.weights && !plan_only)) continue;
     for (int64_t i = 0; i < n * sh.kv_heads; ++i) {
-      if (!std::isfinite(options.scores[i]) || options.scores[i] < 0) {
+      if (!std::isfinite(values[i]) || values[i] < 0) {
         return absl::InvalidArgumentError(
-            absl::StrFormat("append: scores[%d] = %g; initial scores must be finite and >= 0", i, options.scores[i]));
+            absl::StrFormat("append: %s[%d] = %g; they must be finite and >= 0", what, i, values[i]));
       }
     }
   }
@@ -385,9 +403,10 @@ absl::Status Runtime::Append(SequenceId id, int layer, const void* k, const void
   std::vector<AppendSource> sources(H);
   std::vector<int64_t> first_block(H + 1, 0);
   for (int h = 0; h < H; ++h) {
-    sources[h] = AppendSource{static_cast<const char*>(k) + h * I.q_row_bytes(),
-                              static_cast<const char*>(v) + h * I.q_row_bytes(), H * I.q_row_bytes(),
-                              options.scores ? options.scores + h : nullptr, H};
+    sources[h] = AppendSource{plan_only ? nullptr : static_cast<const char*>(k) + h * I.q_row_bytes(),
+                              plan_only ? nullptr : static_cast<const char*>(v) + h * I.q_row_bytes(),
+                              H * I.q_row_bytes(), options.scores ? options.scores + h : nullptr, H,
+                              plan_only && options.weights ? options.weights + h : nullptr};
     I.Head(s, layer, h).PlanAppend(n, sources[h], plans[h]);
     first_block[h + 1] = first_block[h] + I.Head(s, layer, h).BlocksNeeded(plans[h]);
   }
@@ -438,6 +457,7 @@ absl::StatusOr<AttendCounts> Runtime::AttendBatch(int layer, absl::Span<const At
     return absl::InvalidArgumentError(absl::StrFormat("attend: out_dtype %d is not f32, f16 or bf16", int(out_dtype)));
   }
   for (const AttendItem& it : items) {
+    if (I.options.plan_only) continue;  // no query, no output: the weights decide
     if (it.q == nullptr || it.out == nullptr) {
       return absl::InvalidArgumentError(absl::StrFormat("attend: q and out of sequence %d must not be null", it.sequence));
     }
@@ -474,10 +494,14 @@ absl::StatusOr<AttendCounts> Runtime::AttendBatch(int layer, absl::Span<const At
   std::vector<kernels::AttendParams> params(items.size() * H);
   for (size_t i = 0; i < items.size(); ++i) {
     for (int h = 0; h < H; ++h) {
-      I.FillAttend(*held[i].seq, layer, h, items[i].q, items[i].out, out_dtype, params[i * H + h]);
+      if (I.options.plan_only) {
+        I.Head(*held[i].seq, layer, h).FillAttend(params[i * H + h]);  // the ranges AfterAttend reads
+      } else {
+        I.FillAttend(*held[i].seq, layer, h, items[i].q, items[i].out, out_dtype, params[i * H + h]);
+      }
     }
   }
-  I.backend->kernels().Attend(params);
+  if (!I.options.plan_only) I.backend->kernels().Attend(params);
   AttendCounts total;
   for (size_t i = 0; i < items.size(); ++i) {
     absl::StatusOr<AttendCounts> c = I.FinishAttend(*held[i].seq, layer);
@@ -490,7 +514,7 @@ absl::StatusOr<AttendCounts> Runtime::AttendBatch(int layer, absl::Span<const At
       for (int h = 0; h < H; ++h) {
         HeadCache& head = I.Head(*held[i].seq, layer, h);
         absl::StatusOr<std::vector<int64_t>> top =
-            head.Rank(I.options.recall_proxy, I.QueryGroup(items[i].q, h), I.plan.recall_tokens);
+            head.Rank(I.options.recall_proxy, I.QueryGroup(items[i].q, h), I.plan.recall_tokens);  // q unused plan-only
         if (!top.ok()) return top.status();
         if (absl::StatusOr<int> n = head.RequestRecall(*top, /*make_room=*/false); !n.ok()) return n.status();
       }

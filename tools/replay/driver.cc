@@ -97,9 +97,6 @@ absl::Status Validate(const ReplayOptions& o) {
   if (o.max_requests < 0) return absl::InvalidArgumentError(absl::StrFormat("max_requests %d < 0", o.max_requests));
   if (o.max_context < 0) return absl::InvalidArgumentError(absl::StrFormat("max_context %d < 0", o.max_context));
   if (o.prefill_chunk < 1) return absl::InvalidArgumentError(absl::StrFormat("prefill_chunk %d < 1", o.prefill_chunk));
-  if (o.content == ContentLevel::kNone) {
-    return absl::UnimplementedError("--content none (plan-only replay) is not implemented yet; use --content full");
-  }
   return absl::OkStatus();
 }
 
@@ -161,6 +158,10 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
   o.recall_proxy = options.sketch == SketchKind::kNone && options.proxy == RecallProxy::kSketch ? RecallProxy::kNone
                                                                                                  : options.proxy;
   o.seed = options.seed * 0x9e3779b97f4a7c15ull + 0x6b7674696572ull;
+  // --content none: the same runtime without contents; the content model's
+  // expected attention shares stand in for the kernels' softmax.
+  o.plan_only = options.content == ContentLevel::kNone;
+  const bool plan_only = o.plan_only;
   absl::StatusOr<std::unique_ptr<Runtime>> created = Runtime::Create(o);
   if (!created.ok()) return created.status();
   Runtime& rt = **created;
@@ -249,12 +250,15 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
       kbuf.resize(c * H * row);
       vbuf.resize(kbuf.size());
       scores.resize(c * H);
-      content.KeysValues(s.keys, first, c, kbuf.data(), vbuf.data());
+      if (!plan_only) content.KeysValues(s.keys, first, c, kbuf.data(), vbuf.data());
       content.Scores(s.keys, first, c, P - 1, scores.data());
       AppendOptions ao;
       ao.scores = scores.data();
+      ao.weights = scores.data();  // plan-only: the same shares are the attention model
       for (int l = 0; l < L; ++l) {
-        if (absl::Status st = rt.Append(static_cast<SequenceId>(i), l, kbuf.data(), vbuf.data(), c, ao); !st.ok()) {
+        if (absl::Status st = rt.Append(static_cast<SequenceId>(i), l, plan_only ? nullptr : kbuf.data(),
+                                        plan_only ? nullptr : vbuf.data(), c, ao);
+            !st.ok()) {
           return absl::Status(st.code(), absl::StrFormat("prefill of request %d (trace line %d, %d prompt tokens): %s",
                                                          i, r.line, P, st.message()));
         }
@@ -325,20 +329,34 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
     const Totals before = Snapshot(rt);
     int64_t exact = 0, sketch = 0;
     std::vector<AttendItem> items(live.size());
-    std::vector<std::vector<char>> qs(live.size(), std::vector<char>(q.size())), outs = qs;
+    std::vector<std::vector<char>> qs(plan_only ? 0 : live.size(), std::vector<char>(q.size())), outs = qs;
     kbuf.resize(H * row);
     vbuf.resize(kbuf.size());
+    // Plan-only: the new token's weight, as seen from itself.
+    std::vector<float> decode_weights(plan_only ? live.size() * H : 0);
+    for (size_t j = 0; j < decode_weights.size() / std::max(H, 1); ++j) {
+      content.Scores(live[j].keys, live[j].length, 1, live[j].length, decode_weights.data() + j * H);
+    }
     for (int l = 0; l < L; ++l) {
       for (size_t j = 0; j < live.size(); ++j) {
         Live& s = live[j];
         const SequenceId id = static_cast<SequenceId>(s.index);
-        content.KeysValues(s.keys, s.length, 1, kbuf.data(), vbuf.data());
-        if (absl::Status st = rt.Append(id, l, kbuf.data(), vbuf.data(), 1); !st.ok()) {
+        absl::Status st;
+        if (plan_only) {
+          AppendOptions ao;
+          ao.weights = decode_weights.data() + j * H;
+          st = rt.Append(id, l, nullptr, nullptr, 1, ao);
+          items[j] = AttendItem{id, nullptr, nullptr};
+        } else {
+          content.KeysValues(s.keys, s.length, 1, kbuf.data(), vbuf.data());
+          st = rt.Append(id, l, kbuf.data(), vbuf.data(), 1);
+          content.Query(s.keys, s.length, qs[j].data());
+          items[j] = AttendItem{id, qs[j].data(), outs[j].data()};
+        }
+        if (!st.ok()) {
           return absl::Status(st.code(), absl::StrFormat("decode of request %d (trace line %d): %s", s.index,
                                                          res.per_request[s.index].line, st.message()));
         }
-        content.Query(s.keys, s.length, qs[j].data());
-        items[j] = AttendItem{id, qs[j].data(), outs[j].data()};
       }
       absl::StatusOr<AttendCounts> c = rt.AttendBatch(l, items);
       if (!c.ok()) return c.status();

@@ -171,6 +171,20 @@ struct Options {
   double demote_high = 0.9;
   double demote_low = 0.8;
 
+  // ---- Plan-only mode ----
+  // true: the runtime runs its bookkeeping without contents — the same
+  // regions, heavy-hitter choice, budget, recall scheduling, block store,
+  // demotion and tier accounting, but no kernel runs and no K/V exist.
+  // Append takes null k and v; each token's attention weight comes from
+  // AppendOptions::weights, and an attend gives every resident token the
+  // probability weight / (sum of the weights of the layer and KV head's
+  // tokens) per query head instead of running attention (q and out may be
+  // null). Recall ranks vague tokens by weight (any recall_proxy but kNone).
+  // The tiers count blocks and bytes without holding them (the disk tier is a
+  // CountingTier of nvme_bytes; nvme_dir is not touched); ReadToken and
+  // EstimateToken are FailedPrecondition. Default false.
+  bool plan_only = false;
+
   // Seed for the sketch hashes and SimHash planes. Default fixed.
   uint64_t seed = 0x6b7674696572ull;
   BackendKind backend = BackendKind::kAuto;  // default kAuto
@@ -186,6 +200,11 @@ struct AppendOptions {
   // heavy hitters when a prefill chunk overflows the recent window. Host
   // memory. Null (default): 0 for every token.
   const float* scores = nullptr;
+  // Plan-only runtimes (Options::plan_only): optional [n][kv_heads]
+  // attention weight of each appended token, finite and >= 0: its
+  // unnormalised share of every later attend's softmax. Host memory. Null
+  // (default): 1 for every token. Ignored with contents.
+  const float* weights = nullptr;
 };
 
 // Per-call options of Runtime::Attend.

@@ -33,6 +33,10 @@ class HostBlockPool {
     int64_t chunk_bytes = 16 << 20; // bytes per allocation, rounded down to whole blocks (at least one)
     bool lock_memory = true;        // mlock chunks the backend does not pin
     bool bind_numa = true;          // bind chunks to the calling thread's NUMA node
+    // Block ids and the cap only, no memory (Data returns null): the host
+    // tier of a plan-only runtime (Options::plan_only), which counts blocks
+    // and bytes without holding K/V.
+    bool accounting_only = false;
   };
 
   struct Stats {

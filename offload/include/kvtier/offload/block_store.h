@@ -100,6 +100,13 @@ class BlockStore {
     // store) for every chunk the host pool adds, e.g. to register it with the
     // disk tier's I/O engine.
     std::function<void(char* base, int64_t bytes)> on_new_host_chunk;
+    // Blocks without contents (a plan-only runtime, Options::plan_only): the
+    // host tier holds no memory (HostBlockPool accounting_only), Write and
+    // Gather copy nothing but count their bytes, host gathers complete
+    // inline, demotions and disk reads carry no data and no checksum, and
+    // Read is FailedPrecondition. Placement, demotion, promotion, heat and
+    // every counter work as with contents.
+    bool content_free = false;
   };
 
   // `disk` may be null (no disk tier). host, disk and backend must outlive
@@ -116,6 +123,7 @@ class BlockStore {
   // demotes and waits up to host_wait. ResourceExhausted naming both tiers.
   absl::StatusOr<Ref> CreateBlock();
   // Copies bytes into an open block (host memory); complete on return.
+  // With content_free, src is not read (it may be null).
   absl::Status Write(Ref block, int64_t offset, const void* src, int64_t bytes);
   // Closes the block to writes; it may be demoted from now on.
   void Seal(Ref block);

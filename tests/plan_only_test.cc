@@ -1,0 +1,189 @@
+// Plan-only runtimes (Options::plan_only): the same bookkeeping as a runtime
+// with contents, without K/V, kernels or tier memory.
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kvtier/runtime.h"
+#include "replay/driver.h"
+#include "replay/trace.h"
+
+namespace kvtier {
+namespace {
+
+using ::testing::HasSubstr;
+
+Options Base(bool plan_only) {
+  Options o;
+  o.shape = ModelShape{.layers = 2, .q_heads = 4, .kv_heads = 2, .head_dim = 64, .dtype = DType::kF16};
+  o.max_context = 2048;
+  o.max_sequences = 2;
+  o.device_budget_fraction = 0.15;
+  o.recall_proxy = RecallProxy::kNone;
+  o.plan_only = plan_only;
+  return o;
+}
+
+// Prefill of `n` tokens in chunks then `steps` decode steps, the same scores
+// in both runtimes; K/V/Q only where there are contents.
+void Drive(Runtime& rt, SequenceId id, int64_t n, int steps, uint32_t seed) {
+  const ModelShape& sh = rt.options().shape;
+  const bool plan = rt.options().plan_only;
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> normal;
+  std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+  const int64_t row = static_cast<int64_t>(sh.kv_heads) * sh.head_dim;
+  auto half = [&](int64_t count) {
+    std::vector<uint16_t> v(count);
+    for (auto& x : v) x = 0x3c00 ^ (static_cast<uint16_t>(normal(gen) * 64) & 0x3ff);  // near 1.0, varied
+    return v;
+  };
+  ASSERT_TRUE(rt.AddSequence(id).ok());
+  for (int64_t first = 0; first < n; first += 300) {
+    const int64_t c = std::min<int64_t>(300, n - first);
+    std::vector<uint16_t> k = half(c * row), v = half(c * row);
+    std::vector<float> scores(c * sh.kv_heads);
+    for (auto& s : scores) s = uniform(gen);
+    AppendOptions ao;
+    ao.scores = scores.data();
+    ao.weights = scores.data();
+    for (int l = 0; l < sh.layers; ++l) {
+      ASSERT_TRUE(rt.Append(id, l, plan ? nullptr : k.data(), plan ? nullptr : v.data(), c, ao).ok());
+    }
+  }
+  for (int s = 0; s < steps; ++s) {
+    std::vector<uint16_t> k = half(row), v = half(row), q = half(static_cast<int64_t>(sh.q_heads) * sh.head_dim),
+                          out(q.size());
+    for (int l = 0; l < sh.layers; ++l) {
+      ASSERT_TRUE(rt.Append(id, l, plan ? nullptr : k.data(), plan ? nullptr : v.data(), 1).ok());
+      absl::StatusOr<AttendCounts> c = rt.Attend(id, l, plan ? nullptr : q.data(), plan ? nullptr : out.data());
+      ASSERT_TRUE(c.ok()) << c.status();
+    }
+  }
+  rt.Drain();
+}
+
+// Without recall, where every token goes depends on the scores only through
+// which tokens stay candidates; how many are in each region, which blocks
+// are written and what moves between tiers do not depend on contents.
+TEST(PlanOnly, CountsAndTierBytesMatchAFullRun) {
+  for (const int64_t host_bytes : {int64_t{0}, int64_t{4} << 20}) {
+    Options full_o = Base(false), plan_o = Base(true);
+    full_o.host_tier_bytes = plan_o.host_tier_bytes = host_bytes;
+    absl::StatusOr<std::unique_ptr<Runtime>> full = Runtime::Create(full_o);
+    absl::StatusOr<std::unique_ptr<Runtime>> plan = Runtime::Create(plan_o);
+    ASSERT_TRUE(full.ok()) << full.status();
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    ASSERT_TRUE((*full)->plan().compressed);
+    Drive(**full, 1, 1500, 40, 3);
+    Drive(**plan, 1, 1500, 40, 3);
+    ASSERT_TRUE((*plan)->CheckInvariants().ok()) << (*plan)->CheckInvariants();
+    const RuntimeStats f = (*full)->Stats(), p = (*plan)->Stats();
+    EXPECT_EQ(p.regions.sink, f.regions.sink);
+    EXPECT_EQ(p.regions.recent, f.regions.recent);
+    EXPECT_EQ(p.regions.candidate, f.regions.candidate);
+    EXPECT_EQ(p.regions.vague, f.regions.vague);
+    EXPECT_GT(p.regions.vague, 0);
+    EXPECT_EQ(p.served.exact, f.served.exact);
+    EXPECT_EQ(p.served.from_sketch, f.served.from_sketch);
+    EXPECT_EQ(p.store.blocks, f.store.blocks);
+    EXPECT_EQ(p.store.bytes_device_to_host, f.store.bytes_device_to_host);
+    EXPECT_EQ(p.host_tier.peak_bytes_in_use, f.host_tier.peak_bytes_in_use);
+    EXPECT_EQ(p.appended_tokens, f.appended_tokens);
+    // The plan-only host tier holds no memory.
+    EXPECT_EQ(p.host_tier.bytes_reserved, 0);
+    EXPECT_GT(f.host_tier.bytes_reserved, 0);
+  }
+}
+
+// With recall and a disk tier: plan-only recalls what the weights rank
+// highest and moves blocks through a counting disk tier.
+TEST(PlanOnly, RecallsAndDemotesWithoutContents) {
+  Options o = Base(true);
+  o.recall_proxy = RecallProxy::kSketch;
+  o.host_tier_bytes = 256 << 10;
+  o.nvme_dir = "/nonexistent-plan-only-dir";  // never touched
+  o.nvme_bytes = 64 << 20;
+  absl::StatusOr<std::unique_ptr<Runtime>> rt = Runtime::Create(o);
+  ASSERT_TRUE(rt.ok()) << rt.status();
+  Drive(**rt, 1, 1500, 20, 5);
+  ASSERT_TRUE((*rt)->CheckInvariants().ok()) << (*rt)->CheckInvariants();
+  const RuntimeStats s = (*rt)->Stats();
+  EXPECT_GT(s.recall.requested, 0);
+  EXPECT_GT(s.recalled_tokens, 0);
+  EXPECT_GT(s.regions.recalled, 0);
+  EXPECT_GT(s.store.bytes_host_to_device, 0);
+  EXPECT_GT(s.store.demotions, 0);
+  EXPECT_EQ(s.disk_tier.bytes_written, s.store.bytes_host_to_disk);
+  EXPECT_LE(s.host_tier.peak_bytes_in_use, o.host_tier_bytes);
+  char k[128], v[128];
+  EXPECT_THAT((*rt)->ReadToken(1, 0, 0, 100, k, v).message(), HasSubstr("plan-only"));
+  ASSERT_TRUE((*rt)->RemoveSequence(1).ok());
+  (*rt)->Drain();
+  EXPECT_EQ((*rt)->Stats().store.blocks, 0);
+  EXPECT_EQ((*rt)->Stats().disk_tier.bytes_in_use, 0);
+}
+
+TEST(PlanOnly, RanksVagueTokensByWeight) {
+  Options o = Base(true);
+  o.recall_proxy = RecallProxy::kSketch;
+  absl::StatusOr<std::unique_ptr<Runtime>> rt = Runtime::Create(o);
+  ASSERT_TRUE(rt.ok()) << rt.status();
+  ASSERT_TRUE((*rt)->AddSequence(1).ok());
+  const int64_t n = 1800;
+  std::vector<float> w(n * 2, 0.001f);
+  for (int64_t i = 100; i < 1000; i += 97) w[i * 2] = w[i * 2 + 1] = 0.5f;  // heavy, far from the end
+  std::vector<float> zeros(n * 2, 0.0f);
+  AppendOptions ao;
+  ao.scores = zeros.data();  // no candidate is favoured: the heavy ones go vague too
+  ao.weights = w.data();
+  ASSERT_TRUE((*rt)->Append(1, 0, nullptr, nullptr, n, ao).ok());
+  absl::StatusOr<std::vector<int64_t>> top = (*rt)->RankVague(1, 0, 0, nullptr, 3);
+  ASSERT_TRUE(top.ok()) << top.status();
+  ASSERT_EQ(top->size(), 3u);
+  for (int64_t pos : *top) {
+    EXPECT_EQ((pos - 100) % 97, 0) << pos;
+    EXPECT_EQ(*(*rt)->TokenRegion(1, 0, 0, pos), Region::kVague);
+  }
+}
+
+// kvtier-replay --content none and --content full on the same workload:
+// the same admissions, tokens, served counts and tier bytes.
+TEST(PlanOnly, ReplayContentNoneMatchesFull) {
+  const char* text =
+      R"({"timestamp": 0, "input_length": 2000, "output_length": 40, "hash_ids": [0, 1, 2, 3]}
+{"timestamp": 0, "input_length": 1500, "output_length": 25, "hash_ids": [0, 1, 4]}
+{"timestamp": 30, "input_length": 700, "output_length": 60, "hash_ids": [5, 6]}
+{"timestamp": 35, "input_length": 2500, "output_length": 12, "hash_ids": [0, 1, 2, 3, 7]}
+{"timestamp": 210, "input_length": 1200, "output_length": 33, "hash_ids": [9, 10, 11]}
+)";
+  absl::StatusOr<replay::Trace> t = replay::ParseTrace(text, {});
+  ASSERT_TRUE(t.ok()) << t.status();
+  replay::ReplayOptions o;
+  o.shape = ModelShape{.layers = 2, .q_heads = 4, .kv_heads = 2, .head_dim = 64, .dtype = DType::kF16};
+  o.token_scale = 4;
+  o.max_sequences = 3;
+  o.device_budget_fraction = 0.2;
+  o.prefill_chunk = 128;
+  o.host_bytes = 1 << 20;
+  o.proxy = RecallProxy::kNone;
+  absl::StatusOr<replay::ReplayResult> full = replay::RunReplay(*t, o);
+  o.content = replay::ContentLevel::kNone;
+  absl::StatusOr<replay::ReplayResult> none = replay::RunReplay(*t, o);
+  ASSERT_TRUE(full.ok()) << full.status();
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_EQ(none->admitted, full->admitted);
+  EXPECT_EQ(none->completed, full->completed);
+  EXPECT_EQ(none->decode_tokens, full->decode_tokens);
+  EXPECT_EQ(none->served_exact, full->served_exact);
+  EXPECT_EQ(none->served_sketch, full->served_sketch);
+  EXPECT_EQ(none->bytes_d2h, full->bytes_d2h);
+  EXPECT_EQ(none->peak_host_bytes, full->peak_host_bytes);
+  EXPECT_EQ(none->virtual_seconds, full->virtual_seconds);
+  EXPECT_EQ(none->final_blocks, 0);
+}
+
+}  // namespace
+}  // namespace kvtier

@@ -1,0 +1,102 @@
+// The plan-only runtime's bookkeeping path (Options::plan_only, what
+// kvtier-replay --content none runs): token-events per second on one core.
+// A token-event is one token appended to one layer, or one sequence's attend
+// on one layer (the replay's count). SmolLM2-135M's shape, 10% budget.
+//
+//   build/release/tools/bench_plan --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+#include <memory>
+#include <vector>
+
+#include "benchmark/benchmark.h"
+#include "kvtier/runtime.h"
+#include "oneapi/tbb/global_control.h"
+
+namespace {
+
+using kvtier::AppendOptions;
+using kvtier::Runtime;
+
+std::unique_ptr<Runtime> Make(int64_t max_context, bool recall) {
+  kvtier::Options o;
+  o.shape = kvtier::ModelShape::SmolLM2_135M();
+  o.max_context = max_context;
+  o.max_sequences = 1;
+  o.device_budget_fraction = 0.10;
+  o.recall_proxy = recall ? kvtier::RecallProxy::kSketch : kvtier::RecallProxy::kNone;
+  o.plan_only = true;
+  return std::move(*Runtime::Create(o));
+}
+
+// Weights like the replay's content model: a few heavy tokens, the rest light.
+std::vector<float> Weights(int64_t n, int heads) {
+  std::vector<float> w(n * heads);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int h = 0; h < heads; ++h) w[i * heads + h] = i % 64 == 0 ? 0.25f : (i / 512) % 4 == 0 ? 0.02f : 0.002f;
+  }
+  return w;
+}
+
+// Prefill: a sequence of `context` tokens appended in 512-token chunks to
+// every layer, then removed (its blocks freed).
+void BM_PlanPrefill(benchmark::State& state) {
+  tbb::global_control one_core(tbb::global_control::max_allowed_parallelism, 1);
+  const int64_t context = state.range(0);
+  auto rt = Make(context, true);
+  const int L = rt->options().shape.layers, H = rt->options().shape.kv_heads;
+  const std::vector<float> w = Weights(context, H);
+  kvtier::SequenceId id = 0;
+  for (auto _ : state) {
+    (void)rt->AddSequence(++id);
+    for (int64_t first = 0; first < context; first += 512) {
+      const int64_t c = std::min<int64_t>(512, context - first);
+      AppendOptions ao;
+      ao.scores = ao.weights = w.data() + first * H;
+      for (int l = 0; l < L; ++l) (void)rt->Append(id, l, nullptr, nullptr, c, ao);
+    }
+    (void)rt->RemoveSequence(id);
+  }
+  state.SetItemsProcessed(state.iterations() * context * L);
+  state.counters["token_events_per_s"] =
+      benchmark::Counter(static_cast<double>(state.iterations() * context * L), benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_PlanPrefill)->Arg(4096)->Arg(32768)->Unit(benchmark::kMillisecond);
+
+// Decode: one token appended and attended on every layer of a sequence
+// already `context` tokens long (recall on); each step is 2 x layers events.
+void BM_PlanDecode(benchmark::State& state) {
+  tbb::global_control one_core(tbb::global_control::max_allowed_parallelism, 1);
+  const int64_t context = state.range(0);
+  const int64_t steps = 4096;
+  auto rt = Make(context + steps + 1, true);
+  const int L = rt->options().shape.layers, H = rt->options().shape.kv_heads;
+  const std::vector<float> w = Weights(context + steps, H);
+  (void)rt->AddSequence(1);
+  for (int64_t first = 0; first < context; first += 512) {
+    const int64_t c = std::min<int64_t>(512, context - first);
+    AppendOptions ao;
+    ao.scores = ao.weights = w.data() + first * H;
+    for (int l = 0; l < L; ++l) (void)rt->Append(1, l, nullptr, nullptr, c, ao);
+  }
+  int64_t pos = context, events = 0;
+  for (auto _ : state) {
+    if (pos == context + steps) {
+      state.SkipWithError("more iterations than decode steps prepared");
+      break;
+    }
+    AppendOptions ao;
+    ao.weights = w.data() + pos * H;
+    for (int l = 0; l < L; ++l) {
+      (void)rt->Append(1, l, nullptr, nullptr, 1, ao);
+      (void)rt->Attend(1, l, nullptr, nullptr);
+    }
+    ++pos;
+    events += 2 * L;
+  }
+  state.SetItemsProcessed(events);
+  state.counters["token_events_per_s"] = benchmark::Counter(static_cast<double>(events), benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_PlanDecode)->Arg(4096)->Arg(16384)->Iterations(2000)->Unit(benchmark::kMicrosecond);
+
+}  // namespace
+
+BENCHMARK_MAIN();
