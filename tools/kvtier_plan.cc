@@ -1,0 +1,149 @@
+// kvtier-plan: how many sequences fit at each context length with kvtier's
+// tiers and with the whole cache on the GPU, the tier traffic of a decode
+// step and the binding limit. See docs/replay.md, "kvtier-plan".
+#include <cstdio>
+#include <fstream>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "replay/plan.h"
+#include "replay/profile.h"
+#include "replay/trace.h"
+
+ABSL_FLAG(std::string, model, "llama-3.1-8b", "model preset: smollm2-135m | llama-3.1-8b | qwen2.5-7b | llama-3.1-70b");
+ABSL_FLAG(std::string, shape, "", "shape file (layers, q_heads, kv_heads, head_dim, dtype as key = value); overrides --model");
+ABSL_FLAG(std::string, profile, "", "hardware profile file (key = value): capacities and bandwidths");
+ABSL_FLAG(std::string, device_kv_bytes, "", "GPU memory for the KV cache (overrides the profile), e.g. 40GB");
+ABSL_FLAG(std::string, host_bytes, "", "host-tier bytes (overrides the profile; 0: no cap)");
+ABSL_FLAG(std::string, nvme_bytes, "", "NVMe-tier bytes (overrides the profile; 0: none)");
+ABSL_FLAG(std::string, device_budget, "10%", "budget policy: each sequence's device bytes as a percentage of its full cache");
+ABSL_FLAG(std::string, contexts, "1024,4096,16384,65536,131072", "context lengths (prompt + output tokens), comma-separated");
+ABSL_FLAG(std::string, trace, "", "plan the p50/p90/p99/longest context of this trace instead (Mooncake JSONL or CSV)");
+ABSL_FLAG(int, token_scale, 1, "divide the trace's lengths by this (as kvtier-replay --token-scale)");
+ABSL_FLAG(std::string, sketch, "count-sketch", "sketch: count-sketch | centroid | none");
+ABSL_FLAG(std::string, proxy, "sketch", "recall ranking: sketch | block-bounds | none");
+ABSL_FLAG(int, block_size, 0, "tokens per host-tier block (0: the runtime's default)");
+ABSL_FLAG(int, max_seqs, 0, "sequence-slot cap (0: none)");
+ABSL_FLAG(std::string, json, "", "write the plan as JSON to this file");
+ABSL_FLAG(std::string, svg, "", "write a plot of sequences vs context length (SVG) to this file");
+
+namespace {
+
+int Fail(const std::string& what) {
+  std::fprintf(stderr, "kvtier-plan: %s\n", what.c_str());
+  return 2;
+}
+
+bool ReadFile(const std::string& path, std::string& out) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return false;
+  out.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+  return true;
+}
+
+bool WriteFile(const std::string& path, const std::string& text) {
+  std::ofstream f(path, std::ios::binary);
+  f << text;
+  return static_cast<bool>(f);
+}
+
+int Run() {
+  using namespace kvtier;
+  using namespace kvtier::replay;
+  PlanOptions o;
+  std::string text;
+  if (!absl::GetFlag(FLAGS_shape).empty()) {
+    if (!ReadFile(absl::GetFlag(FLAGS_shape), text)) return Fail("cannot open shape file " + absl::GetFlag(FLAGS_shape));
+    absl::StatusOr<ModelShape> s = ParseShapeFile(text);
+    if (!s.ok()) return Fail(absl::GetFlag(FLAGS_shape) + ": " + std::string(s.status().message()));
+    o.shape = *s;
+    o.model_name = absl::GetFlag(FLAGS_shape);
+  } else {
+    absl::StatusOr<ModelShape> s = ModelPreset(absl::GetFlag(FLAGS_model));
+    if (!s.ok()) return Fail(std::string(s.status().message()));
+    o.shape = *s;
+    o.model_name = absl::GetFlag(FLAGS_model);
+  }
+  if (!absl::GetFlag(FLAGS_profile).empty()) {
+    if (!ReadFile(absl::GetFlag(FLAGS_profile), text)) return Fail("cannot open profile " + absl::GetFlag(FLAGS_profile));
+    absl::StatusOr<HardwareProfile> p = ParseProfile(text);
+    if (!p.ok()) return Fail(absl::GetFlag(FLAGS_profile) + ": " + std::string(p.status().message()));
+    o.profile = *p;
+  }
+  for (auto [flag, name, out] : {std::tuple{&FLAGS_device_kv_bytes, "--device-kv-bytes", &o.profile.device_kv_bytes},
+                                 {&FLAGS_host_bytes, "--host-bytes", &o.profile.host_bytes},
+                                 {&FLAGS_nvme_bytes, "--nvme-bytes", &o.profile.nvme_bytes}}) {
+    if (absl::GetFlag(*flag).empty()) continue;
+    absl::StatusOr<int64_t> b = ParseBytes(absl::GetFlag(*flag));
+    if (!b.ok()) return Fail(std::string(name) + ": " + std::string(b.status().message()));
+    *out = static_cast<double>(*b);
+  }
+  const std::string budget = absl::GetFlag(FLAGS_device_budget);
+  double pct;
+  if (!absl::EndsWith(budget, "%") || !absl::SimpleAtod(budget.substr(0, budget.size() - 1), &pct) || !(pct > 0) ||
+      pct > 100)
+    return Fail("--device-budget " + budget + ": expected a percentage in (0, 100], e.g. 10%");
+  o.device_budget_fraction = pct / 100.0;
+  const std::string sketch = absl::GetFlag(FLAGS_sketch), proxy = absl::GetFlag(FLAGS_proxy);
+  if (sketch == "count-sketch") o.sketch = SketchKind::kCountSketch;
+  else if (sketch == "centroid") o.sketch = SketchKind::kCentroid;
+  else if (sketch == "none") o.sketch = SketchKind::kNone;
+  else return Fail("--sketch must be count-sketch, centroid or none, got " + sketch);
+  if (proxy == "sketch") o.proxy = RecallProxy::kSketch;
+  else if (proxy == "block-bounds") o.proxy = RecallProxy::kBlockBounds;
+  else if (proxy == "none") o.proxy = RecallProxy::kNone;
+  else return Fail("--proxy must be sketch, block-bounds or none, got " + proxy);
+  o.block_tokens = absl::GetFlag(FLAGS_block_size);
+  o.max_sequences = absl::GetFlag(FLAGS_max_seqs);
+
+  if (!absl::GetFlag(FLAGS_trace).empty()) {
+    const int scale = absl::GetFlag(FLAGS_token_scale);
+    if (scale < 1) return Fail("--token-scale must be >= 1, got " + std::to_string(scale));
+    absl::StatusOr<Trace> trace = ReadTrace(absl::GetFlag(FLAGS_trace), {});
+    if (!trace.ok()) return Fail(std::string(trace.status().message()));
+    if (trace->requests.empty()) return Fail("the trace holds no requests");
+    o.contexts = TraceContexts(*trace, scale);
+  } else {
+    for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_contexts), ',', absl::SkipWhitespace())) {
+      int64_t c;
+      if (!absl::SimpleAtoi(part, &c) || c < 1)
+        return Fail("--contexts: \"" + std::string(part) + "\" is not a token count >= 1");
+      o.contexts.push_back(c);
+    }
+  }
+  absl::StatusOr<PlanResult> r = RunPlan(o);
+  if (!r.ok()) return Fail(std::string(r.status().message()));
+  std::printf("%s", PlanTable(*r, o).c_str());
+  if (!absl::GetFlag(FLAGS_json).empty() && !WriteFile(absl::GetFlag(FLAGS_json), PlanJson(*r, o)))
+    return Fail("cannot write " + absl::GetFlag(FLAGS_json));
+  if (!absl::GetFlag(FLAGS_svg).empty() && !WriteFile(absl::GetFlag(FLAGS_svg), PlanSvg(*r, o)))
+    return Fail("cannot write " + absl::GetFlag(FLAGS_svg));
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // --dashed-flags as --underscored_flags, as kvtier-replay.
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a.rfind("--", 0) != 0) continue;
+    const size_t end = std::min(a.find('='), a.size());
+    for (size_t c = 2; c < end; ++c) {
+      if (a[c] == '-') argv[i][c] = '_';
+    }
+  }
+  absl::SetProgramUsageMessage(
+      "plans KV-cache capacity: sequences that fit per context length with kvtier's tiers and all on the GPU.\n"
+      "Usage: kvtier-plan [--model NAME | --shape FILE] [--profile FILE] [--device-kv-bytes N] [--host-bytes N]\n"
+      "         [--nvme-bytes N] [--device-budget 10%] [--contexts 4096,32768 | --trace FILE]\n"
+      "         [--json FILE] [--svg FILE] ...\n"
+      "Flags accept dashes or underscores. See docs/replay.md.");
+  absl::ParseCommandLine(argc, argv);
+  return Run();
+}
