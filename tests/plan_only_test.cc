@@ -1,5 +1,6 @@
 // Plan-only runtimes (Options::plan_only): the same bookkeeping as a runtime
 // with contents, without K/V, kernels or tier memory.
+#include <cmath>
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -147,6 +148,69 @@ TEST(PlanOnly, RanksVagueTokensByWeight) {
     EXPECT_EQ((pos - 100) % 97, 0) << pos;
     EXPECT_EQ(*(*rt)->TokenRegion(1, 0, 0, pos), Region::kVague);
   }
+}
+
+// Which vague tokens the plan-only ranking picks, step after step, with
+// weights spread over many classes and members of a class at different
+// weights: a fingerprint of the choices (RankVague of every head after every
+// step, and the regions that automatic recall left), fixed when the ranking
+// copied and sorted every class per call. An ordered index must choose the
+// same tokens in the same order.
+TEST(PlanOnly, RecallChoicesAreUnchanged) {
+  Options o = Base(true);
+  o.recall_proxy = RecallProxy::kSketch;
+  absl::StatusOr<std::unique_ptr<Runtime>> rt = Runtime::Create(o);
+  ASSERT_TRUE(rt.ok()) << rt.status();
+  const ModelShape& sh = o.shape;
+  ASSERT_TRUE((*rt)->AddSequence(1).ok());
+  std::mt19937 gen(11);  // raw draws only: the same numbers on every platform
+  auto weight = [&] {  // (1 + m/1024) x 2^-e over 20 octaves: many classes, members of varied weight
+    const uint32_t r = gen();
+    return std::ldexp(1.0f + static_cast<float>(r % 1024) / 1024.0f, -static_cast<int>((r >> 10) % 20));
+  };
+  const int64_t n = 1500;
+  std::vector<float> w(n * sh.kv_heads);
+  for (float& x : w) x = weight();
+  AppendOptions ao;
+  ao.scores = w.data();
+  ao.weights = w.data();
+  for (int l = 0; l < sh.layers; ++l) ASSERT_TRUE((*rt)->Append(1, l, nullptr, nullptr, n, ao).ok());
+  uint64_t h = 1469598103934665603ull;
+  auto fold = [&](int64_t x) {
+    h ^= static_cast<uint64_t>(x);
+    h *= 1099511628211ull;
+  };
+  for (int step = 0; step < 300; ++step) {
+    std::vector<float> wt(sh.kv_heads);
+    for (float& x : wt) x = weight();
+    AppendOptions d;
+    d.weights = wt.data();
+    for (int l = 0; l < sh.layers; ++l) {
+      ASSERT_TRUE((*rt)->Append(1, l, nullptr, nullptr, 1, d).ok());
+      ASSERT_TRUE((*rt)->Attend(1, l, nullptr, nullptr).ok());
+      for (int kh = 0; kh < sh.kv_heads; ++kh) {
+        absl::StatusOr<std::vector<int64_t>> top = (*rt)->RankVague(1, l, kh, nullptr, step % 7 == 0 ? 400 : 25);
+        ASSERT_TRUE(top.ok()) << top.status();
+        fold(static_cast<int64_t>(top->size()));
+        for (int64_t pos : *top) fold(pos);
+      }
+    }
+    if (step % 50 == 49) {
+      for (int l = 0; l < sh.layers; ++l) {
+        for (int kh = 0; kh < sh.kv_heads; ++kh) {
+          for (int64_t pos = 0; pos < n + step + 1; ++pos) {
+            fold(static_cast<int64_t>(*(*rt)->TokenRegion(1, l, kh, pos)));
+          }
+        }
+      }
+    }
+  }
+  (*rt)->Drain();
+  const RuntimeStats s = (*rt)->Stats();
+  EXPECT_GT(s.recall.requested, 1000);
+  fold(s.recall.requested);
+  fold(s.recalled_tokens);
+  EXPECT_EQ(h, 1368190427726735479ull) << "fingerprint";
 }
 
 // kvtier-replay --content none and --content full on the same workload:

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <fstream>
 #include <functional>
+#include <numeric>
 #include <string>
 #include <unistd.h>
 
@@ -15,6 +16,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
+#include "replay/calibrate.h"
 #include "replay/driver.h"
 #include "replay/profile.h"
 #include "replay/trace.h"
@@ -48,6 +50,11 @@ ABSL_FLAG(std::string, json, "", "write the results as JSON to this file");
 ABSL_FLAG(std::string, csv, "", "write one CSV line per request to this file");
 ABSL_FLAG(bool, progress, true, "print a progress line to stderr every 2 s on long runs");
 ABSL_FLAG(bool, print_profile, false, "print the hardware profile in effect and exit");
+ABSL_FLAG(bool, calibrate, false,
+          "measure this machine's memcpy and the disk under --nvme-dir and print the profile (key = value); "
+          "with --trace, to stderr, and replay with it");
+ABSL_FLAG(double, calibrate_seconds, 3.0, "rough time --calibrate takes");
+ABSL_FLAG(std::string, calibrate_bytes, "64MiB", "size of --calibrate's disk test file");
 
 namespace {
 
@@ -105,6 +112,32 @@ int Run() {
     absl::StatusOr<HardwareProfile> p = ParseProfile(text);
     if (!p.ok()) return Fail(absl::GetFlag(FLAGS_profile) + ": " + std::string(p.status().message()));
     o.profile = *p;
+  }
+  if (absl::GetFlag(FLAGS_calibrate)) {
+    CalibrateOptions co;
+    co.nvme_dir = absl::GetFlag(FLAGS_nvme_dir);
+    co.seconds = absl::GetFlag(FLAGS_calibrate_seconds);
+    absl::StatusOr<int64_t> disk = ParseBytes(absl::GetFlag(FLAGS_calibrate_bytes));
+    if (!disk.ok()) return Fail("--calibrate-bytes: " + std::string(disk.status().message()));
+    co.disk_bytes = *disk;
+    // The runtime's host-tier block (PlanBudget): --block-size tokens, or the
+    // smallest count >= 16 whose block is a multiple of 4 KiB.
+    const int64_t tok = o.shape.HeadTokenBytes();
+    int64_t tokens = absl::GetFlag(FLAGS_block_size);
+    if (tokens <= 0) {
+      const int64_t unit = 4096 / std::gcd<int64_t>(tok, 4096);
+      tokens = (16 + unit - 1) / unit * unit;
+    }
+    co.block_bytes = tokens * tok;
+    absl::StatusOr<Calibration> c = Calibrate(co, o.profile);
+    if (!c.ok()) return Fail(std::string(c.status().message()));
+    const std::string text = CalibrationToString(*c);
+    o.profile = c->profile;
+    if (absl::GetFlag(FLAGS_trace).empty() || absl::GetFlag(FLAGS_print_profile)) {
+      std::printf("%s", text.c_str());
+      return 0;
+    }
+    std::fprintf(stderr, "%s", text.c_str());
   }
   if (absl::GetFlag(FLAGS_print_profile)) {
     std::printf("%s", ProfileToString(o.profile).c_str());
@@ -211,6 +244,7 @@ int main(int argc, char** argv) {
       "Usage: kvtier-replay --trace FILE [--model NAME | --shape FILE] [--device-budget 10%|BYTES]\n"
       "         [--host-bytes N] [--nvme-dir DIR --nvme-bytes N] [--content full|none] [--token-scale N]\n"
       "         [--max-requests N] [--time-scale X] [--max-seqs N] [--json FILE] [--csv FILE] ...\n"
+      "       kvtier-replay --calibrate [--nvme-dir DIR] [--model NAME] > my.profile\n"
       "Flags accept dashes or underscores (--device-budget = --device_budget). See docs/replay.md.");
   absl::ParseCommandLine(argc, argv);
   return Run();

@@ -72,6 +72,7 @@ HeadCache::HeadCache(const HeadContext& ctx, char* chunk, int layer, int kv_head
   by_class_ = plan_only_ || (HasSketch() && sketch_.rows == 1);
   if (plan_only_) {
     class_members_.resize(kWeightClasses);
+    class_order_.resize(kWeightClasses);
   } else if (by_class_) {
     class_members_.resize(sketch_.kind == SketchKind::kCountSketch ? 2 * sketch_.width : sketch_.width);
   }
@@ -378,6 +379,7 @@ absl::Status HeadCache::VagueAppend(std::span<const int32_t> positions) {
       class_of_[pos] = c;
       in_class_[pos] = static_cast<uint32_t>(class_members_[c].size());
       class_members_[c].push_back(static_cast<uint32_t>(pos));
+      if (plan_only_) class_order_[c].Insert(static_cast<uint32_t>(pos));
     }
   }
   if (!MirrorsVagueIds() || positions.empty()) return absl::OkStatus();
@@ -392,6 +394,7 @@ absl::Status HeadCache::VagueRemove(int32_t pos) {
     members[j] = members.back();
     in_class_[members[j]] = j;
     members.pop_back();
+    if (plan_only_) class_order_[class_of_[pos]].Erase(static_cast<uint32_t>(pos));
   }
   const uint32_t i = index_[pos];
   const uint32_t last = vague_.back();
@@ -808,6 +811,14 @@ absl::StatusOr<std::vector<int64_t>> HeadCache::Rank(RecallProxy proxy, const vo
       return class_score[a] > class_score[b] || (class_score[a] == class_score[b] && a < b);
     });
     for (uint32_t c : classes) {
+      if (plan_only_) {  // the most recent first, from the ordered index
+        class_order_[c].ForEachDescending([&](uint32_t pos) {
+          if (!in_flight_[pos]) out.push_back(pos);
+          return static_cast<int>(out.size()) < count;
+        });
+        if (static_cast<int>(out.size()) == count) return out;
+        continue;
+      }
       // The most recent first within a class: order only as many members as
       // can still be taken, all of them when some of those are in flight.
       std::vector<uint32_t> members = class_members_[c];

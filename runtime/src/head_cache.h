@@ -219,6 +219,46 @@ class HeadCache {
   std::vector<std::vector<uint32_t>> class_members_;  // [class] vague positions
   std::vector<uint32_t> class_of_;  // [length] class of a vague token
   std::vector<uint32_t> in_class_;  // [length] its index in class_members_
+  // Plan-only: each class's members as a set of positions, so that ranking
+  // walks them most recent first in O(tokens taken), not O(class).
+  class PositionSet {
+   public:
+    void Insert(uint32_t pos) {
+      const size_t w = pos >> 6;
+      if (bits_.size() <= w) {
+        bits_.resize(w + 1, 0);
+        summary_.resize((w >> 6) + 1, 0);
+      }
+      bits_[w] |= uint64_t{1} << (pos & 63);
+      summary_[w >> 6] |= uint64_t{1} << (w & 63);
+    }
+    void Erase(uint32_t pos) {
+      const size_t w = pos >> 6;
+      bits_[w] &= ~(uint64_t{1} << (pos & 63));
+      if (bits_[w] == 0) summary_[w >> 6] &= ~(uint64_t{1} << (w & 63));
+    }
+    // f(pos) for the members, highest first, while f returns true.
+    template <typename F>
+    void ForEachDescending(F&& f) const {
+      for (size_t s = summary_.size(); s-- > 0;) {
+        for (uint64_t m = summary_[s]; m != 0;) {
+          const int b = 63 - __builtin_clzll(m);
+          m &= ~(uint64_t{1} << b);
+          const size_t w = s * 64 + static_cast<size_t>(b);
+          for (uint64_t word = bits_[w]; word != 0;) {
+            const int t = 63 - __builtin_clzll(word);
+            word &= ~(uint64_t{1} << t);
+            if (!f(static_cast<uint32_t>(w * 64 + static_cast<size_t>(t)))) return;
+          }
+        }
+      }
+    }
+
+   private:
+    std::vector<uint64_t> bits_;     // bit p: position p is a member
+    std::vector<uint64_t> summary_;  // bit w: bits_[w] != 0
+  };
+  std::vector<PositionSet> class_order_;  // [class], plan-only
   std::vector<uint32_t> buckets_;   // [ordinal][rows] centroid buckets of sketched tokens
   std::vector<BlockStore::Ref> blocks_;  // blocks in ordinal order
   int64_t sealed_ = 0;              // blocks_[0, sealed_) are sealed
