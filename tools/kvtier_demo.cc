@@ -22,10 +22,12 @@
 ABSL_FLAG(int64_t, context, 3072, "prompt tokens prefilled into every layer");
 ABSL_FLAG(int, decode, 32, "decode steps after the prompt");
 ABSL_FLAG(double, budget, 0.10, "device budget, a fraction of the full cache at context + decode tokens");
-ABSL_FLAG(std::string, sketch, "count-sketch", "sketch kind: count-sketch | centroid | none");
+ABSL_FLAG(std::string, sketch, std::string(kvtier::SketchKindName(kvtier::Options{}.sketch_kind)),
+          "sketch kind: count-sketch | centroid | none (default: the library's)");
 ABSL_FLAG(std::string, policy, "", "vague-token policy: drop | estimate | shrink (default: the runtime's; drop for none)");
 ABSL_FLAG(int, recall, -1, "vague tokens recalled per KV head after each attend (-1: the plan's default, 0: none)");
-ABSL_FLAG(std::string, proxy, "sketch", "what ranks vague tokens for recall: sketch | block-bounds | none");
+ABSL_FLAG(std::string, proxy, std::string(kvtier::RecallProxyName(kvtier::Options{}.recall_proxy)),
+          "what ranks vague tokens for recall: sketch | block-bounds | none (default: the library's)");
 ABSL_FLAG(int64_t, wait_us, 0, "how long an attend waits for recalls in flight (microseconds)");
 ABSL_FLAG(int64_t, host_bytes, 0, "cap on the host tier in bytes (0: none)");
 ABSL_FLAG(std::string, nvme_dir, "", "directory of a disk tier below the host tier (needs --host_bytes)");

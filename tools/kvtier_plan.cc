@@ -25,8 +25,10 @@ ABSL_FLAG(std::string, device_budget, "10%", "budget policy: each sequence's dev
 ABSL_FLAG(std::string, contexts, "1024,4096,16384,65536,131072", "context lengths (prompt + output tokens), comma-separated");
 ABSL_FLAG(std::string, trace, "", "plan the p50/p90/p99/longest context of this trace instead (Mooncake JSONL or CSV)");
 ABSL_FLAG(int, token_scale, 1, "divide the trace's lengths by this (as kvtier-replay --token-scale)");
-ABSL_FLAG(std::string, sketch, "count-sketch", "sketch: count-sketch | centroid | none");
-ABSL_FLAG(std::string, proxy, "sketch", "recall ranking: sketch | block-bounds | none");
+ABSL_FLAG(std::string, sketch, std::string(kvtier::SketchKindName(kvtier::Options{}.sketch_kind)),
+          "sketch: count-sketch | centroid | none (default: the library's)");
+ABSL_FLAG(std::string, proxy, std::string(kvtier::RecallProxyName(kvtier::Options{}.recall_proxy)),
+          "recall ranking: sketch | block-bounds | none (default: the library's)");
 ABSL_FLAG(int, block_size, 0, "tokens per host-tier block (0: the runtime's default)");
 ABSL_FLAG(int, max_seqs, 0, "sequence-slot cap (0: none)");
 ABSL_FLAG(std::string, json, "", "write the plan as JSON to this file");

@@ -36,8 +36,10 @@ ABSL_FLAG(std::string, prefix_host_bytes, "0", "prefix store in host memory: K/V
 ABSL_FLAG(std::string, prefix_nvme_bytes, "0", "prefix store on NVMe, below the host part (0: none)");
 ABSL_FLAG(int, block_size, 0, "tokens per host-tier block (0: the runtime's default)");
 ABSL_FLAG(std::string, policy, "shrink", "vague-token policy: shrink | estimate | drop");
-ABSL_FLAG(std::string, sketch, "count-sketch", "sketch: count-sketch | centroid | none");
-ABSL_FLAG(std::string, proxy, "sketch", "recall ranking: sketch | block-bounds | none");
+ABSL_FLAG(std::string, sketch, std::string(kvtier::SketchKindName(kvtier::Options{}.sketch_kind)),
+          "sketch: count-sketch | centroid | none (default: the library's)");
+ABSL_FLAG(std::string, proxy, std::string(kvtier::RecallProxyName(kvtier::Options{}.recall_proxy)),
+          "recall ranking: sketch | block-bounds | none (default: the library's)");
 ABSL_FLAG(uint64_t, seed, 1, "seed of the content model and the runtime's hashes");
 ABSL_FLAG(int64_t, max_requests, 0, "replay only the first N requests (0: all)");
 ABSL_FLAG(double, time_scale, 1.0, "virtual arrival = trace timestamp x this (0: every request arrives at once)");
