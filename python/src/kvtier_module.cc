@@ -158,7 +158,7 @@ template <> struct Field<BackendKind> : EnumField<BackendKind, BackendKindName> 
   X(sketch_rows, "Sketch hash rows, in [0, 8]; 0 (default): 1.")                                                   \
   X(sketch_width, "Sketch buckets per row; 0 (default): derived from sketch_share. In [0, 65536].")                \
   X(vague_policy, "What attention does with vague tokens: 'drop', 'estimate' or 'shrink' (default).")              \
-  X(recall_proxy, "How recall ranks vague tokens: 'none', 'sketch' (default) or 'block-bounds'.")                  \
+  X(recall_proxy, "How recall ranks vague tokens: 'none', 'sketch' or 'block-bounds' (default).")                  \
   X(recall_tokens, "Vague tokens recalled per KV head after each attend; -1 (default): derived; 0: none.")         \
   X(recall_wait_us, "How long an attend waits for recalls in flight, in [0, 10^7] us. Default 0.")                 \
   X(summary_tokens, "block-bounds: vague tokens per key-bounds summary; 0 (default): derived.")                    \

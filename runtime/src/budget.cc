@@ -141,7 +141,7 @@ absl::StatusOr<BudgetPlan> PlanBudget(const Options& o) {
   const int64_t max_width = 65536;
 
   // The smallest plan, for the error message and the feasibility check.
-  auto minimal = [&] {
+  auto smallest = [&] {
     BudgetPlan m = p;
     m.recent_tokens = o.recent_tokens > 0 ? o.recent_tokens : kMinRecentTokens;
     m.candidate_tokens = std::max(o.candidate_tokens, 0);
@@ -149,7 +149,16 @@ absl::StatusOr<BudgetPlan> PlanBudget(const Options& o) {
     m.sketch_width = p.sketch_kind == SketchKind::kNone ? 0 : std::max(o.sketch_width, kMinSketchBuckets);
     FillBytes(o, m);
     return m;
-  }();
+  };
+  BudgetPlan minimal = smallest();
+  if (minimal.total_bytes > p.budget_bytes && o.recall_proxy == RecallProxy::kBlockBounds &&
+      o.summary_tokens == 0 && p.summary_groups > 1) {
+    // Derived summaries took their share of a budget too small for the rest:
+    // fall back to the coarsest (one summary per head), the smallest plan.
+    p.summary_tokens = static_cast<int>((o.max_context + p.block_tokens - 1) / p.block_tokens * p.block_tokens);
+    p.summary_groups = 1;
+    minimal = smallest();
+  }
   if (minimal.total_bytes > p.budget_bytes) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "device budget of %d bytes (%s) cannot hold %d sequence(s) x %d layers x %d KV heads of: sink %d + "
