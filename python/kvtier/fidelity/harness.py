@@ -379,6 +379,7 @@ def plot(rows, path):
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def parse_args(argv=None):
