@@ -103,6 +103,10 @@ class BlockStore::State {
   int64_t host_copies = 0;  // blocks holding a host-tier block (bounces excluded)
   int64_t demoting = 0;
   int64_t in_flight = 0;    // demotions, gathers, disk reads
+  // Transfers whose bookkeeping is done but whose parts are still being
+  // finished outside the lock: Drain waits for them too, so that every
+  // transfer it waited for reports Done when it returns.
+  int64_t finishing = 0;
   bool disk_full = false;
   bool warned_write = false, warned_read = false, warned_lost = false, warned_full = false;
   size_t chunks_announced = 0;  // host pool chunks passed to on_new_host_chunk
@@ -452,9 +456,12 @@ void BlockStore::FinishHostParts(std::vector<std::pair<int, Ref>> parts, std::ve
       if (b.deleted && !b.Busy()) Reclaim(s, host_, disk_, ref);
     }
     --s.in_flight;
-    s.changed.notify_all();
+    ++s.finishing;
   }
   for (size_t i = 0; i < parts.size(); ++i) transfer->FinishPart(parts[i].first, std::move(status[i]));
+  std::lock_guard lock(s.mu);
+  --s.finishing;
+  s.changed.notify_all();
 }
 
 std::shared_ptr<Transfer> BlockStore::Gather(std::vector<GatherPart> parts) {
@@ -680,16 +687,21 @@ void BlockStore::OnRead(Ref ref, absl::Status st) {
     b.read_heap = nullptr;
     if (b.deleted && !b.Busy()) Reclaim(s, host_, disk_, ref);
     if (keep_buffer) DemoteColdest(/*force=*/false);
+    if (!finished.empty()) ++s.finishing;
     s.changed.notify_all();
   }
+  if (finished.empty()) return;
   for (auto& [t, part, status] : finished) t->FinishPart(part, std::move(status));
+  std::lock_guard lock(s.mu);
+  --s.finishing;
+  s.changed.notify_all();
 }
 
 void BlockStore::Drain() {
   State& s = *state_;
   {
     std::unique_lock lock(s.mu);
-    s.changed.wait(lock, [&] { return s.in_flight == 0 && s.deferred.empty(); });
+    s.changed.wait(lock, [&] { return s.in_flight == 0 && s.finishing == 0 && s.deferred.empty(); });
   }
   // The tiers' own bookkeeping settles after our callbacks returned.
   host_.Drain();
