@@ -177,6 +177,7 @@ std::vector<char> Convert(const std::vector<char>& f16, DType dtype) {
 }  // namespace
 
 absl::StatusOr<Capture> Capture::Load(const std::string& dir, const ModelShape& shape) {
+  if (absl::Status st = shape.Validate(); !st.ok()) return st;
   const std::string path = (std::filesystem::path(dir) / "manifest.json").string();
   std::ifstream f(path);
   if (!f) return absl::NotFoundError(absl::StrCat("cannot open capture manifest ", path));
