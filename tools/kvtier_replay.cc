@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <fstream>
 #include <functional>
+#include <memory>
 #include <numeric>
 #include <string>
 #include <unistd.h>
@@ -28,6 +29,8 @@ ABSL_FLAG(std::string, model, "smollm2-135m",
           "model preset: smollm2-135m | llama-3.1-8b | qwen2.5-7b | llama-3.1-70b");
 ABSL_FLAG(std::string, shape, "", "shape file (layers, q_heads, kv_heads, head_dim, dtype as key = value); overrides --model");
 ABSL_FLAG(std::string, content, "full", "full: kernels on generated K/V/Q | none: plan side only");
+ABSL_FLAG(std::string, capture, "",
+          "--content full: replay this captured Q/K/V directory (docs/capture.md) instead of generated content");
 ABSL_FLAG(std::string, device_budget, "10%", "device budget: bytes (e.g. 2GiB) or a percentage of the full cache");
 ABSL_FLAG(std::string, host_bytes, "0", "host-tier cap in bytes (0: none)");
 ABSL_FLAG(std::string, nvme_dir, "", "directory of the NVMe tier's file (needs --host-bytes)");
@@ -148,6 +151,12 @@ int Run() {
   if (!ParseName<ContentLevel>(absl::GetFlag(FLAGS_content), {{"full", ContentLevel::kFull}, {"none", ContentLevel::kNone}},
                                o.content))
     return Fail("--content must be full or none, got " + absl::GetFlag(FLAGS_content));
+  if (!absl::GetFlag(FLAGS_capture).empty()) {
+    if (o.content != ContentLevel::kFull) return Fail("--capture needs --content full");
+    absl::StatusOr<Capture> c = Capture::Load(absl::GetFlag(FLAGS_capture), o.shape);
+    if (!c.ok()) return Fail("--capture: " + std::string(c.status().message()));
+    o.capture = std::make_shared<const Capture>(*std::move(c));
+  }
   if (!ParseName<VaguePolicy>(absl::GetFlag(FLAGS_policy),
                               {{"shrink", VaguePolicy::kShrink}, {"estimate", VaguePolicy::kEstimate},
                                {"drop", VaguePolicy::kDrop}},
@@ -244,7 +253,7 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "replays a serving trace through the kvtier runtime on a virtual clock.\n"
       "Usage: kvtier-replay --trace FILE [--model NAME | --shape FILE] [--device-budget 10%|BYTES]\n"
-      "         [--host-bytes N] [--nvme-dir DIR --nvme-bytes N] [--content full|none] [--token-scale N]\n"
+      "         [--host-bytes N] [--nvme-dir DIR --nvme-bytes N] [--content full|none] [--capture DIR] [--token-scale N]\n"
       "         [--max-requests N] [--time-scale X] [--max-seqs N] [--json FILE] [--csv FILE] ...\n"
       "       kvtier-replay --calibrate [--nvme-dir DIR] [--model NAME] > my.profile\n"
       "Flags accept dashes or underscores (--device-budget = --device_budget). See docs/replay.md.");

@@ -97,6 +97,10 @@ absl::Status Validate(const ReplayOptions& o) {
   if (o.max_requests < 0) return absl::InvalidArgumentError(absl::StrFormat("max_requests %d < 0", o.max_requests));
   if (o.max_context < 0) return absl::InvalidArgumentError(absl::StrFormat("max_context %d < 0", o.max_context));
   if (o.prefill_chunk < 1) return absl::InvalidArgumentError(absl::StrFormat("prefill_chunk %d < 1", o.prefill_chunk));
+  if (o.capture != nullptr) {
+    if (o.content != ContentLevel::kFull) return absl::InvalidArgumentError("a capture needs content full");
+    if (absl::Status st = o.capture->Check(o.shape); !st.ok()) return st;
+  }
   return absl::OkStatus();
 }
 
@@ -175,6 +179,7 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
   co.seed = options.seed;
   co.block_tokens = static_cast<int>(block);
   const ContentModel content(sh, co);
+  const Capture* capture = options.capture.get();  // null: the content model's K/V/Q
 
   // Tier bytes a request needs at its final length: every token that ever
   // leaves the device keeps a host-tier block copy.
@@ -250,12 +255,13 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
       kbuf.resize(c * H * row);
       vbuf.resize(kbuf.size());
       scores.resize(c * H);
-      if (!plan_only) content.KeysValues(s.keys, first, c, kbuf.data(), vbuf.data());
+      if (!plan_only && capture == nullptr) content.KeysValues(s.keys, first, c, kbuf.data(), vbuf.data());
       content.Scores(s.keys, first, c, P - 1, scores.data());
       AppendOptions ao;
       ao.scores = scores.data();
       ao.weights = scores.data();  // plan-only: the same shares are the attention model
       for (int l = 0; l < L; ++l) {
+        if (capture != nullptr) capture->KeysValues(l, first, c, kbuf.data(), vbuf.data());
         if (absl::Status st = rt.Append(static_cast<SequenceId>(i), l, plan_only ? nullptr : kbuf.data(),
                                         plan_only ? nullptr : vbuf.data(), c, ao);
             !st.ok()) {
@@ -265,6 +271,7 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
       }
     }
     rt.Drain();
+    if (options.after_prefill) options.after_prefill(rt, static_cast<SequenceId>(i));
     const Totals after = Snapshot(rt);
     res.bytes_d2h += after.d2h - before.d2h;
     res.bytes_nvme_write += after.nvme_write - before.nvme_write;
@@ -348,9 +355,14 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
           st = rt.Append(id, l, nullptr, nullptr, 1, ao);
           items[j] = AttendItem{id, nullptr, nullptr};
         } else {
-          content.KeysValues(s.keys, s.length, 1, kbuf.data(), vbuf.data());
+          if (capture != nullptr) {
+            capture->KeysValues(l, s.length, 1, kbuf.data(), vbuf.data());
+            capture->Query(l, s.length, qs[j].data());
+          } else {
+            content.KeysValues(s.keys, s.length, 1, kbuf.data(), vbuf.data());
+            content.Query(s.keys, s.length, qs[j].data());
+          }
           st = rt.Append(id, l, kbuf.data(), vbuf.data(), 1);
-          content.Query(s.keys, s.length, qs[j].data());
           items[j] = AttendItem{id, qs[j].data(), outs[j].data()};
         }
         if (!st.ok()) {
@@ -439,8 +451,10 @@ std::string ReplaySummary(const ReplayResult& r, const ReplayOptions& o) {
   auto pct = [](double a, double b) { return b > 0 ? 100.0 * a / b : 0.0; };
   absl::StrAppendFormat(&s, "kvtier-replay: %s (%s), content %s, token scale 1/%d, seed %d, %s backend%s\n",
                         o.model_name.empty() ? "custom shape" : o.model_name, o.shape.ToString(),
-                        o.content == ContentLevel::kFull ? "full" : "none", o.token_scale, o.seed, r.backend,
-                        r.interrupted ? "  [INTERRUPTED: partial results]" : "");
+                        o.content != ContentLevel::kFull ? "none"
+                        : o.capture != nullptr            ? "full (captured " + o.capture->dir() + ")"
+                                                          : "full",
+                        o.token_scale, o.seed, r.backend, r.interrupted ? "  [INTERRUPTED: partial results]" : "");
   absl::StrAppendFormat(&s, "plan: %s\n", r.plan);
   absl::StrAppendFormat(&s, "requests: %d, admitted %d, completed %d, rejected %d; at most %d live\n", r.requests,
                         r.admitted, r.completed, r.rejected, r.max_live);

@@ -7,11 +7,14 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "kvtier/options.h"
+#include "kvtier/runtime.h"
+#include "replay/capture.h"
 #include "replay/content.h"
 #include "replay/profile.h"
 #include "replay/trace.h"
@@ -52,6 +55,13 @@ struct ReplayOptions {
   uint64_t seed = 1;
   HardwareProfile profile;
   ContentOptions content_options;   // seed and block_tokens are set from the above
+  // --content full only: K/V/Q from a real model's capture instead of the
+  // content model (which still gives the prefill's initial scores). Loaded
+  // for this shape (Capture::Load); docs/capture.md.
+  std::shared_ptr<const Capture> capture;
+  // Called after every prefill with the runtime and the request's sequence
+  // id (its index), before any decode step: lets tests read the K/V held.
+  std::function<void(const Runtime&, SequenceId)> after_prefill;
 };
 
 struct RequestResult {
