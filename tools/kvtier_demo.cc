@@ -15,6 +15,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_format.h"
 #include "kvtier/runtime.h"
+#include "cli.h"
 #include "workload/reference.h"
 #include "workload/synthetic_kv.h"
 #include "workload/tensor.h"
@@ -41,17 +42,6 @@ namespace {
 
 using workload::Tensor;
 
-template <typename T>
-bool ParseName(const std::string& s, std::initializer_list<std::pair<const char*, T>> names, T& out) {
-  for (const auto& [name, value] : names) {
-    if (s == name) {
-      out = value;
-      return true;
-    }
-  }
-  return false;
-}
-
 double Seconds(std::chrono::steady_clock::time_point a) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
 }
@@ -59,26 +49,20 @@ double Seconds(std::chrono::steady_clock::time_point a) {
 int Run() {
   Options o;
   DType dtype;
-  if (!ParseName<DType>(absl::GetFlag(FLAGS_dtype), {{"f32", DType::kF32}, {"f16", DType::kF16}, {"bf16", DType::kBF16}},
+  if (!cli::ParseName<DType>(absl::GetFlag(FLAGS_dtype), {{"f32", DType::kF32}, {"f16", DType::kF16}, {"bf16", DType::kBF16}},
                         dtype)) {
     std::fprintf(stderr, "kvtier-demo: unknown --dtype %s (f32, f16 or bf16)\n", absl::GetFlag(FLAGS_dtype).c_str());
     return 2;
   }
   o.shape = ModelShape::SmolLM2_135M(dtype);
-  if (!ParseName<SketchKind>(absl::GetFlag(FLAGS_sketch),
-                             {{"count-sketch", SketchKind::kCountSketch}, {"centroid", SketchKind::kCentroid},
-                              {"none", SketchKind::kNone}},
-                             o.sketch_kind)) {
+  if (!cli::ParseName(absl::GetFlag(FLAGS_sketch), SketchKindName, 3, o.sketch_kind)) {
     std::fprintf(stderr, "kvtier-demo: unknown --sketch %s (count-sketch, centroid or none)\n",
                  absl::GetFlag(FLAGS_sketch).c_str());
     return 2;
   }
   if (o.sketch_kind == SketchKind::kNone) o.vague_policy = VaguePolicy::kDrop;
   if (!absl::GetFlag(FLAGS_policy).empty() &&
-      !ParseName<VaguePolicy>(absl::GetFlag(FLAGS_policy),
-                              {{"drop", VaguePolicy::kDrop}, {"estimate", VaguePolicy::kEstimate},
-                               {"shrink", VaguePolicy::kShrink}},
-                              o.vague_policy)) {
+      !cli::ParseName(absl::GetFlag(FLAGS_policy), VaguePolicyName, 3, o.vague_policy)) {
     std::fprintf(stderr, "kvtier-demo: unknown --policy %s (drop, estimate or shrink)\n",
                  absl::GetFlag(FLAGS_policy).c_str());
     return 2;
@@ -90,10 +74,7 @@ int Run() {
     std::fprintf(stderr, "kvtier-demo: need --context >= 1, --decode >= 1, 0 <= --window <= --context\n");
     return 2;
   }
-  if (!ParseName<RecallProxy>(absl::GetFlag(FLAGS_proxy),
-                              {{"sketch", RecallProxy::kSketch}, {"block-bounds", RecallProxy::kBlockBounds},
-                               {"none", RecallProxy::kNone}},
-                              o.recall_proxy)) {
+  if (!cli::ParseName(absl::GetFlag(FLAGS_proxy), RecallProxyName, 3, o.recall_proxy)) {
     std::fprintf(stderr, "kvtier-demo: unknown --proxy %s (sketch, block-bounds or none)\n",
                  absl::GetFlag(FLAGS_proxy).c_str());
     return 2;

@@ -11,6 +11,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "cli.h"
 #include "replay/plan.h"
 #include "replay/profile.h"
 #include "replay/trace.h"
@@ -46,12 +47,6 @@ bool ReadFile(const std::string& path, std::string& out) {
   if (!f) return false;
   out.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
   return true;
-}
-
-bool WriteFile(const std::string& path, const std::string& text) {
-  std::ofstream f(path, std::ios::binary);
-  f << text;
-  return static_cast<bool>(f);
 }
 
 int Run() {
@@ -92,14 +87,10 @@ int Run() {
     return Fail("--device-budget " + budget + ": expected a percentage in (0, 100], e.g. 10%");
   o.device_budget_fraction = pct / 100.0;
   const std::string sketch = absl::GetFlag(FLAGS_sketch), proxy = absl::GetFlag(FLAGS_proxy);
-  if (sketch == "count-sketch") o.sketch = SketchKind::kCountSketch;
-  else if (sketch == "centroid") o.sketch = SketchKind::kCentroid;
-  else if (sketch == "none") o.sketch = SketchKind::kNone;
-  else return Fail("--sketch must be count-sketch, centroid or none, got " + sketch);
-  if (proxy == "sketch") o.proxy = RecallProxy::kSketch;
-  else if (proxy == "block-bounds") o.proxy = RecallProxy::kBlockBounds;
-  else if (proxy == "none") o.proxy = RecallProxy::kNone;
-  else return Fail("--proxy must be sketch, block-bounds or none, got " + proxy);
+  if (!cli::ParseName(sketch, SketchKindName, 3, o.sketch))
+    return Fail("--sketch must be count-sketch, centroid or none, got " + sketch);
+  if (!cli::ParseName(proxy, RecallProxyName, 3, o.proxy))
+    return Fail("--proxy must be sketch, block-bounds or none, got " + proxy);
   o.block_tokens = absl::GetFlag(FLAGS_block_size);
   o.max_sequences = absl::GetFlag(FLAGS_max_seqs);
 
@@ -121,9 +112,9 @@ int Run() {
   absl::StatusOr<PlanResult> r = RunPlan(o);
   if (!r.ok()) return Fail(std::string(r.status().message()));
   std::printf("%s", PlanTable(*r, o).c_str());
-  if (!absl::GetFlag(FLAGS_json).empty() && !WriteFile(absl::GetFlag(FLAGS_json), PlanJson(*r, o)))
+  if (!absl::GetFlag(FLAGS_json).empty() && !cli::WriteFile(absl::GetFlag(FLAGS_json), PlanJson(*r, o)))
     return Fail("cannot write " + absl::GetFlag(FLAGS_json));
-  if (!absl::GetFlag(FLAGS_svg).empty() && !WriteFile(absl::GetFlag(FLAGS_svg), PlanSvg(*r, o)))
+  if (!absl::GetFlag(FLAGS_svg).empty() && !cli::WriteFile(absl::GetFlag(FLAGS_svg), PlanSvg(*r, o)))
     return Fail("cannot write " + absl::GetFlag(FLAGS_svg));
   return 0;
 }
@@ -132,14 +123,7 @@ int Run() {
 
 int main(int argc, char** argv) {
   // --dashed-flags as --underscored_flags, as kvtier-replay.
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    if (a.rfind("--", 0) != 0) continue;
-    const size_t end = std::min(a.find('='), a.size());
-    for (size_t c = 2; c < end; ++c) {
-      if (a[c] == '-') argv[i][c] = '_';
-    }
-  }
+  kvtier::cli::AcceptDashedFlags(argc, argv);
   absl::SetProgramUsageMessage(
       "plans KV-cache capacity: sequences that fit per context length with kvtier's tiers and all on the GPU.\n"
       "Usage: kvtier-plan [--model NAME | --shape FILE] [--profile FILE] [--device-kv-bytes N] [--host-bytes N]\n"

@@ -17,6 +17,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
+#include "cli.h"
 #include "replay/calibrate.h"
 #include "replay/driver.h"
 #include "replay/profile.h"
@@ -70,26 +71,9 @@ void OnSigint(int) {
   std::signal(SIGINT, SIG_DFL);  // a second Ctrl-C ends the process
 }
 
-template <typename T>
-bool ParseName(const std::string& s, std::initializer_list<std::pair<const char*, T>> names, T& out) {
-  for (const auto& [name, value] : names) {
-    if (s == name) {
-      out = value;
-      return true;
-    }
-  }
-  return false;
-}
-
 int Fail(const std::string& what) {
   std::fprintf(stderr, "kvtier-replay: %s\n", what.c_str());
   return 2;
-}
-
-bool WriteFile(const std::string& path, const std::string& text) {
-  std::ofstream f(path, std::ios::binary);
-  f << text;
-  return static_cast<bool>(f);
 }
 
 int Run() {
@@ -148,7 +132,7 @@ int Run() {
     std::printf("%s", ProfileToString(o.profile).c_str());
     return 0;
   }
-  if (!ParseName<ContentLevel>(absl::GetFlag(FLAGS_content), {{"full", ContentLevel::kFull}, {"none", ContentLevel::kNone}},
+  if (!cli::ParseName<ContentLevel>(absl::GetFlag(FLAGS_content), {{"full", ContentLevel::kFull}, {"none", ContentLevel::kNone}},
                                o.content))
     return Fail("--content must be full or none, got " + absl::GetFlag(FLAGS_content));
   if (!absl::GetFlag(FLAGS_capture).empty()) {
@@ -157,20 +141,11 @@ int Run() {
     if (!c.ok()) return Fail("--capture: " + std::string(c.status().message()));
     o.capture = std::make_shared<const Capture>(*std::move(c));
   }
-  if (!ParseName<VaguePolicy>(absl::GetFlag(FLAGS_policy),
-                              {{"shrink", VaguePolicy::kShrink}, {"estimate", VaguePolicy::kEstimate},
-                               {"drop", VaguePolicy::kDrop}},
-                              o.policy))
+  if (!cli::ParseName(absl::GetFlag(FLAGS_policy), VaguePolicyName, 3, o.policy))
     return Fail("--policy must be shrink, estimate or drop, got " + absl::GetFlag(FLAGS_policy));
-  if (!ParseName<SketchKind>(absl::GetFlag(FLAGS_sketch),
-                             {{"count-sketch", SketchKind::kCountSketch}, {"centroid", SketchKind::kCentroid},
-                              {"none", SketchKind::kNone}},
-                             o.sketch))
+  if (!cli::ParseName(absl::GetFlag(FLAGS_sketch), SketchKindName, 3, o.sketch))
     return Fail("--sketch must be count-sketch, centroid or none, got " + absl::GetFlag(FLAGS_sketch));
-  if (!ParseName<RecallProxy>(absl::GetFlag(FLAGS_proxy),
-                              {{"sketch", RecallProxy::kSketch}, {"block-bounds", RecallProxy::kBlockBounds},
-                               {"none", RecallProxy::kNone}},
-                              o.proxy))
+  if (!cli::ParseName(absl::GetFlag(FLAGS_proxy), RecallProxyName, 3, o.proxy))
     return Fail("--proxy must be sketch, block-bounds or none, got " + absl::GetFlag(FLAGS_proxy));
   const std::string budget = absl::GetFlag(FLAGS_device_budget);
   if (absl::EndsWith(budget, "%")) {
@@ -204,7 +179,7 @@ int Run() {
   if (absl::GetFlag(FLAGS_trace).empty()) return Fail("--trace FILE is required (see --help)");
   TraceOptions to;
   to.lenient = absl::GetFlag(FLAGS_lenient);
-  if (!ParseName<TraceFormat>(absl::GetFlag(FLAGS_format),
+  if (!cli::ParseName<TraceFormat>(absl::GetFlag(FLAGS_format),
                               {{"auto", TraceFormat::kAuto}, {"mooncake", TraceFormat::kMooncake},
                                {"csv", TraceFormat::kCsv}},
                               to.format))
@@ -231,9 +206,9 @@ int Run() {
   }
   std::printf("%s", ReplaySummary(*r, o).c_str());
   if (trace->skipped > 0) std::printf("trace: %lld malformed lines skipped\n", static_cast<long long>(trace->skipped));
-  if (!absl::GetFlag(FLAGS_json).empty() && !WriteFile(absl::GetFlag(FLAGS_json), ReplayJson(*r, o)))
+  if (!absl::GetFlag(FLAGS_json).empty() && !cli::WriteFile(absl::GetFlag(FLAGS_json), ReplayJson(*r, o)))
     return Fail("cannot write " + absl::GetFlag(FLAGS_json));
-  if (!absl::GetFlag(FLAGS_csv).empty() && !WriteFile(absl::GetFlag(FLAGS_csv), RequestsCsv(*r)))
+  if (!absl::GetFlag(FLAGS_csv).empty() && !cli::WriteFile(absl::GetFlag(FLAGS_csv), RequestsCsv(*r)))
     return Fail("cannot write " + absl::GetFlag(FLAGS_csv));
   return r->interrupted ? 130 : 0;
 }
@@ -242,14 +217,7 @@ int Run() {
 
 int main(int argc, char** argv) {
   // vLLM-style --dashed-flags: the same flags as --underscored_flags.
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    if (a.rfind("--", 0) != 0) continue;
-    const size_t end = std::min(a.find('='), a.size());
-    for (size_t c = 2; c < end; ++c) {
-      if (a[c] == '-') argv[i][c] = '_';
-    }
-  }
+  kvtier::cli::AcceptDashedFlags(argc, argv);
   absl::SetProgramUsageMessage(
       "replays a serving trace through the kvtier runtime on a virtual clock.\n"
       "Usage: kvtier-replay --trace FILE [--model NAME | --shape FILE] [--device-budget 10%|BYTES]\n"

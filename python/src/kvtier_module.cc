@@ -154,7 +154,7 @@ template <> struct Field<BackendKind> : EnumField<BackendKind, BackendKindName> 
   X(staging_share, "Share for derived staging, in [0, 1]. Default 0.15.")                                          \
   X(sketch_share, "Share for a derived sketch, in [0, 1]. Default 0.25.")                                          \
   X(score_decay, "Accumulated-attention decay per step, in (0, 1]. Default 0.9.")                                  \
-  X(sketch_kind, "'none', 'count-sketch' (default) or 'centroid'.")                                                \
+  X(sketch_kind, "'none', 'count-sketch' or 'centroid' (default).")                                                \
   X(sketch_rows, "Sketch hash rows, in [0, 8]; 0 (default): 1.")                                                   \
   X(sketch_width, "Sketch buckets per row; 0 (default): derived from sketch_share. In [0, 65536].")                \
   X(vague_policy, "What attention does with vague tokens: 'drop', 'estimate' or 'shrink' (default).")              \
