@@ -100,10 +100,10 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def run_lanes(model, lanes, first_tokens, start_pos, steps, forced=None, on_logits=None):
-    """Decodes `steps` tokens on every lane at once. forced: [steps] teacher
-    tokens (the input of step i is forced[i]) or None: greedy (the input of
-    step i > 0 is the lane's own previous argmax). on_logits(i, logits).
-    Returns the greedy tokens [lanes, steps]."""
+    """Decodes `steps` tokens on every lane at once. The input of step i > 0
+    is forced[i] while i < len(forced) (teacher tokens, the same for every
+    lane), else the lane's own previous argmax (greedy); forced None: greedy
+    from step 1. on_logits(i, logits). Returns the argmax tokens [lanes, steps]."""
     n = len(lanes)
     tokens = np.array(first_tokens, dtype=np.int64)
     generated = np.zeros((n, steps), dtype=np.int64)
@@ -117,7 +117,8 @@ def run_lanes(model, lanes, first_tokens, start_pos, steps, forced=None, on_logi
         if on_logits is not None:
             on_logits(i, logits)
         if i + 1 < steps:
-            tokens = np.full(n, forced[i + 1]) if forced is not None else generated[:, i]
+            forcing = forced is not None and i + 1 < len(forced)
+            tokens = np.full(n, forced[i + 1], dtype=np.int64) if forcing else generated[:, i]
     return generated
 
 
@@ -243,7 +244,6 @@ def passkey(model, context, trials, budgets, policies, args, results, on_trial=N
         cache, _, scores = model.prefill(prefix)
         p_len = len(prefix)
         steps = len(question) + PASSKEY_GEN
-        forced = question + [0] * PASSKEY_GEN
 
         def found(row):
             text = tok.decode(row[len(question) - 1:])
@@ -251,7 +251,7 @@ def passkey(model, context, trials, budgets, policies, args, results, on_trial=N
             return m is not None and m.group(0) == str(key), text
 
         full = make_lane("full", cache, scores, group, 1.0, context, args.recall_wait_us)
-        gen = run_lanes_mixed(model, [full], question, p_len, steps)
+        gen = run_lanes(model, [full], [question[0]], p_len, steps, forced=question)
         full_ok, full_text = found(gen[0])
         results.append(dict(kind="passkey", context=context, trial=t, depth=depth, key=key, budget=1.0,
                             policy="full", ok=bool(full_ok), full_ok=bool(full_ok), answer=full_text))
@@ -261,7 +261,7 @@ def passkey(model, context, trials, budgets, policies, args, results, on_trial=N
                                      dict(kind="passkey", trial=t))
             if not lanes:
                 continue
-            gen = run_lanes_mixed(model, lanes, question, p_len, steps)
+            gen = run_lanes(model, lanes, [question[0]] * len(lanes), p_len, steps, forced=question)
             for j, p in enumerate(pols):
                 ok, text = found(gen[j])
                 results.append(dict(kind="passkey", context=context, trial=t, depth=depth, key=key,
@@ -274,26 +274,6 @@ def passkey(model, context, trials, budgets, policies, args, results, on_trial=N
             f"{sum(summary)}/{len(summary)}; {time.time() - t0:.1f} s")
         if on_trial is not None:
             on_trial()
-
-
-def run_lanes_mixed(model, lanes, question, p_len, steps):
-    """Question tokens forced, then greedy generation: the input of step i is
-    question[i] while i < len(question), else the lane's previous argmax."""
-    n = len(lanes)
-    tokens = np.full(n, question[0], dtype=np.int64)
-    generated = np.zeros((n, steps), dtype=np.int64)
-
-    def attend(layer, q, k, v):
-        return np.stack([lane.attend(layer, q[j], k[j], v[j]) for j, lane in enumerate(lanes)])
-
-    for i in range(steps):
-        logits = model.step(tokens, np.full(n, p_len + i), attend)
-        generated[:, i] = logits.argmax(axis=-1)
-        if i + 1 < len(question):
-            tokens = np.full(n, question[i + 1], dtype=np.int64)
-        else:
-            tokens = generated[:, i]
-    return generated
 
 
 def aggregate(results):
