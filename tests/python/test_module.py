@@ -82,9 +82,9 @@ def test_model_shape_attributes_and_repr():
 def test_options_every_field_is_a_keyword_and_attribute():
     values = dict(device_budget_bytes=1 << 20, device_budget_fraction=0.5, max_context=1024, max_sequences=2,
                   sink_tokens=8, recent_tokens=32, candidate_tokens=16, staging_tokens=8, recent_share=0.3,
-                  candidate_share=0.3, staging_share=0.2, sketch_share=0.2, score_decay=0.9,
-                  sketch_kind="centroid", sketch_rows=2, sketch_width=64, vague_policy="estimate",
-                  recall_proxy="block-bounds", recall_tokens=4, recall_wait_us=10, summary_tokens=32,
+                  candidate_share=0.3, staging_share=0.2, sketch_share=0.2, score_decay=0.8,
+                  sketch_kind="count-sketch", sketch_rows=2, sketch_width=64, vague_policy="estimate",
+                  recall_proxy="sketch", recall_tokens=4, recall_wait_us=10, summary_tokens=32,
                   summary_share=0.1, block_tokens=16, host_tier_bytes=1 << 24, attention_scale=0.2,
                   nvme_dir="/tmp/x", nvme_bytes=1 << 26, io_queue_depth=8, demote_high=0.95, demote_low=0.5,
                   seed=7, backend="cpu")
@@ -97,12 +97,14 @@ def test_options_every_field_is_a_keyword_and_attribute():
         assert getattr(defaults, name) == value, name
     text = repr(opts)
     assert text.startswith("Options(shape=ModelShape(layers=2")
-    assert "sketch_kind='centroid'" in text and "max_context=1024" in text
+    assert "sketch_kind='count-sketch'" in text and "max_context=1024" in text
     # Defaults are C++'s: only the shape shows.
     assert repr(kvtier.Options()) == ("Options(shape=ModelShape(layers=0, q_heads=0, kv_heads=0, head_dim=0, "
                                       "dtype='f16'))")
     assert kvtier.Options().device_budget_fraction == 0.10
-    assert kvtier.Options().sketch_kind == "count-sketch"
+    assert kvtier.Options().sketch_kind == "centroid"
+    assert kvtier.Options().recall_proxy == "block-bounds"
+    assert kvtier.Options().score_decay == 0.9
 
 
 @pytest.mark.parametrize("field,accepted", [
