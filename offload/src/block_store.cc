@@ -96,6 +96,14 @@ class BlockStore::State {
     bool Busy() const { return pins > 0 || demoting || reading || !waiting.empty(); }
   };
 
+  // Live, not deleted blocks by location (what Stats reports, kept current).
+  int64_t at[3] = {0, 0, 0};
+  void MoveTo(Block& b, Loc to) {
+    --at[static_cast<int>(b.loc)];
+    ++at[static_cast<int>(to)];
+    b.loc = to;
+  }
+
   std::mutex mu;
   std::condition_variable changed;  // a host block freed, a transfer finished
   std::vector<Block> blocks;
@@ -251,6 +259,7 @@ absl::StatusOr<BlockStore::Ref> BlockStore::CreateBlock() {
       State::Block& b = s.blocks[ref];
       b.live = true;
       b.loc = State::Loc::kHost;
+      ++s.at[static_cast<int>(State::Loc::kHost)];
       b.host = *hb;
       ++s.host_copies;
       ++s.stats.blocks;
@@ -374,7 +383,7 @@ void BlockStore::OnDemoted(Ref ref, absl::Status st) {
     s.stats.bytes_host_to_disk += block_bytes_;
     ++s.stats.demotions;
     if (!b.deleted) {
-      b.loc = State::Loc::kDisk;
+      s.MoveTo(b, State::Loc::kDisk);
       if (b.pins == 0) {
         host_.Free(b.host).IgnoreError();
         b.host = kNoBlock;
@@ -432,6 +441,7 @@ absl::Status BlockStore::Delete(Ref ref) {
   }
   State::Block& b = s.blocks[ref];
   --s.stats.blocks;
+  --s.at[static_cast<int>(b.loc)];
   b.deleted = true;
   if (!b.Busy()) Reclaim(s, host_, disk_, ref);
   return absl::OkStatus();
@@ -625,7 +635,7 @@ void BlockStore::OnRead(Ref ref, absl::Status st) {
     if (!st.ok()) {
       if (checksum_failed) {
         if (!b.deleted) {
-          b.loc = State::Loc::kLost;
+          s.MoveTo(b, State::Loc::kLost);
           ++s.stats.lost_blocks;
           disk_->Free(b.disk).IgnoreError();
           b.disk = kNoBlock;
@@ -667,7 +677,7 @@ void BlockStore::OnRead(Ref ref, absl::Status st) {
       if (b.read_host != kNoBlock && !b.deleted) {
         b.host = b.read_host;
         b.read_host = kNoBlock;
-        b.loc = State::Loc::kHost;
+        s.MoveTo(b, State::Loc::kHost);
         ++s.host_copies;
         // Just read: the hottest block now, so room is made elsewhere.
         b.heat = s.max_heat = s.max_heat + 1.0f;
@@ -712,12 +722,8 @@ BlockStoreStats BlockStore::Stats() const {
   State& s = *state_;
   std::lock_guard lock(s.mu);
   BlockStoreStats out = s.stats;
-  out.host_blocks = out.disk_blocks = 0;
-  for (const State::Block& b : s.blocks) {
-    if (!b.live || b.deleted) continue;
-    if (b.loc == State::Loc::kHost) ++out.host_blocks;
-    if (b.loc == State::Loc::kDisk) ++out.disk_blocks;
-  }
+  out.host_blocks = s.at[static_cast<int>(State::Loc::kHost)];
+  out.disk_blocks = s.at[static_cast<int>(State::Loc::kDisk)];
   return out;
 }
 

@@ -1,6 +1,7 @@
 #include "head_cache.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -69,10 +70,11 @@ HeadCache::HeadCache(const HeadContext& ctx, char* chunk, int layer, int kv_head
   probs_host_.assign(plan.slots(), 0.0f);
   stage_.assign(staging_, Stage::kFree);
   installed_at_.assign(staging_, 0);
-  by_class_ = plan_only_ || (HasSketch() && sketch_.rows == 1);
+  by_class_ = !plan_only_ && HasSketch() && sketch_.rows == 1;  // plan-only has weight classes
   if (plan_only_) {
-    class_members_.resize(kWeightClasses);
+    class_count_.assign(kWeightClasses, 0);
     class_order_.resize(kWeightClasses);
+    slot_weight_.assign(plan.slots(), 0.0f);
   } else if (by_class_) {
     class_members_.resize(sketch_.kind == SketchKind::kCountSketch ? 2 * sketch_.width : sketch_.width);
   }
@@ -138,8 +140,8 @@ void HeadCache::PlanAppend(int64_t n, const AppendSource& src, AppendPlan& plan)
   // Tokens leave the ring oldest first: [ring_first, final_first).
   const int64_t ring_first = std::max<int64_t>(sink_, first - recent_);
   const int64_t final_first = std::max<int64_t>(sink_, end - recent_);
-  std::vector<Move> leaving;
-  leaving.reserve(std::max<int64_t>(0, final_first - ring_first));
+  std::vector<Move>& leaving = leaving_;
+  leaving.clear();
   for (int64_t p = ring_first; p < final_first; ++p) {
     const int32_t pos = static_cast<int32_t>(p);
     if (p < first) {
@@ -152,26 +154,50 @@ void HeadCache::PlanAppend(int64_t n, const AppendSource& src, AppendPlan& plan)
 
   if (!leaving.empty()) {
     if (candidates_ == 0) {
-      plan.to_vague = std::move(leaving);
+      plan.to_vague.assign(leaving.begin(), leaving.end());
     } else if (n_candidates_ + static_cast<int64_t>(leaving.size()) <= candidates_) {
       for (Move& m : leaving) {
         m.dst_slot = CandidateSlot(plan.candidates_after++);
         plan.to_slot.push_back(m);
       }
+    } else if (leaving.size() == 1 && n_candidates_ == candidates_) {
+      // A decode step: the one token leaving the ring and the worst
+      // candidate compete for a slot (what the general case below decides
+      // for a pool of candidates_ + 1, without building the pool).
+      int32_t worst = CandidateSlot(0);
+      for (int32_t slot = worst + 1; slot < CandidateSlot(n_candidates_); ++slot) {
+        const float s = slot_score_[slot], w = slot_score_[worst];
+        if (s < w || (s == w && slot_pos_[slot] < slot_pos_[worst])) worst = slot;
+      }
+      Move m = leaving[0];
+      const Move cur{slot_pos_[worst], worst, -1, -1, slot_score_[worst]};
+      if (ByScore()(m, cur)) {
+        plan.to_vague.push_back(cur);
+        m.dst_slot = worst;
+        plan.to_slot.push_back(m);
+      } else {
+        plan.to_vague.push_back(m);
+      }
     } else {
       // Keep the best `candidates_` of the current candidates and the leaving
       // tokens; the rest become vague.
-      std::vector<Move> pool;
-      pool.reserve(n_candidates_ + leaving.size());
+      // ByScore as one integer per token: scores are >= 0 (+ 0.0f turns a
+      // -0 into +0), so their bits order as the floats do; positions break ties.
+      auto key = [](float score, int32_t pos) {
+        return uint64_t{std::bit_cast<uint32_t>(score + 0.0f)} << 32 | static_cast<uint32_t>(pos);
+      };
+      std::vector<uint64_t>& pool = pool_;
+      pool.clear();
       for (int32_t i = 0; i < n_candidates_; ++i) {
         const int32_t slot = CandidateSlot(i);
-        pool.push_back(Move{slot_pos_[slot], slot, -1, slot, slot_score_[slot]});
+        pool.push_back(key(slot_score_[slot], slot_pos_[slot]));
       }
-      pool.insert(pool.end(), leaving.begin(), leaving.end());
-      std::nth_element(pool.begin(), pool.begin() + (candidates_ - 1), pool.end(), ByScore());
-      const Move& kth = pool[candidates_ - 1];
-      auto kept = [&](const Move& m) { return !ByScore()(kth, m); };  // m is at least as good as the kth
-      std::vector<int32_t> free_slots;
+      for (const Move& m : leaving) pool.push_back(key(m.score, m.pos));
+      std::nth_element(pool.begin(), pool.begin() + (candidates_ - 1), pool.end(), std::greater<>());
+      const uint64_t kth = pool[candidates_ - 1];
+      auto kept = [&](const Move& m) { return key(m.score, m.pos) >= kth; };  // at least as good as the kth
+      std::vector<int32_t>& free_slots = free_scratch_;
+      free_slots.clear();
       for (int32_t i = 0; i < n_candidates_; ++i) {
         const int32_t slot = CandidateSlot(i);
         const Move cur{slot_pos_[slot], slot, -1, slot, slot_score_[slot]};
@@ -356,7 +382,7 @@ void HeadCache::SketchUpdateFromRows(float sign, std::span<const int32_t> positi
 }
 
 uint32_t HeadCache::ClassOf(int32_t pos) const {
-  if (plan_only_) return WeightClass(weight_[pos]);
+  if (plan_only_) return class_of_[pos];  // set once, with the weight
   if (sketch_.kind == SketchKind::kCountSketch) {
     const uint32_t h = kernels::TokenHash(kernels::RowSeed(sketch_.seed, 0), static_cast<uint32_t>(pos));
     return 2 * kernels::Bucket(h, sketch_.width) + (kernels::Sign(h) < 0 ? 1 : 0);
@@ -374,12 +400,15 @@ absl::Status HeadCache::VagueAppend(std::span<const int32_t> positions) {
     region_[pos] = static_cast<uint8_t>(Region::kVague);
     index_[pos] = static_cast<uint32_t>(vague_.size());
     vague_.push_back(static_cast<uint32_t>(pos));
-    if (by_class_) {
+    if (plan_only_) {
+      const uint32_t c = class_of_[pos];
+      ++class_count_[c];
+      class_order_[c].Insert(static_cast<uint32_t>(pos));
+    } else if (by_class_) {
       const uint32_t c = ClassOf(pos);
       class_of_[pos] = c;
       in_class_[pos] = static_cast<uint32_t>(class_members_[c].size());
       class_members_[c].push_back(static_cast<uint32_t>(pos));
-      if (plan_only_) class_order_[c].Insert(static_cast<uint32_t>(pos));
     }
   }
   if (!MirrorsVagueIds() || positions.empty()) return absl::OkStatus();
@@ -388,13 +417,15 @@ absl::Status HeadCache::VagueAppend(std::span<const int32_t> positions) {
 }
 
 absl::Status HeadCache::VagueRemove(int32_t pos) {
-  if (by_class_) {
+  if (plan_only_) {
+    --class_count_[class_of_[pos]];
+    class_order_[class_of_[pos]].Erase(static_cast<uint32_t>(pos));
+  } else if (by_class_) {
     std::vector<uint32_t>& members = class_members_[class_of_[pos]];
     const uint32_t j = in_class_[pos];
     members[j] = members.back();
     in_class_[members[j]] = j;
     members.pop_back();
-    if (plan_only_) class_order_[class_of_[pos]].Erase(static_cast<uint32_t>(pos));
   }
   const uint32_t i = index_[pos];
   const uint32_t last = vague_.back();
@@ -415,16 +446,22 @@ absl::Status HeadCache::ApplyAppend(const AppendPlan& plan, const AppendSource& 
   blocks_.insert(blocks_.end(), blocks.begin(), blocks.end());
   if (plan_only_) {
     weight_.resize(first + plan.n, 1.0f);
+    class_of_.resize(first + plan.n);
     if (src.weights != nullptr) {
       for (int64_t i = 0; i < plan.n; ++i) weight_[first + i] = src.weights[i * src.score_stride];
     }
-    for (int64_t i = 0; i < plan.n; ++i) weight_sum_ += weight_[first + i];
+    for (int64_t i = 0; i < plan.n; ++i) {
+      weight_sum_ += weight_[first + i];
+      class_of_[first + i] = WeightClass(weight_[first + i]);
+    }
   }
 
   // 1. Tokens leaving the device: exact K/V to the host tier, then the sketch.
   //    Their slots are read before step 2 overwrites them.
   if (!plan.to_vague.empty()) {
-    std::vector<int32_t> slot_pos, slots, row_pos, rows, all;
+    std::vector<int32_t>&slot_pos = scratch_[0], &slots = scratch_[1], &row_pos = scratch_[2], &rows = scratch_[3],
+                        &all = scratch_[4];
+    for (int i = 0; i < 5; ++i) scratch_[i].clear();
     for (const Move& m : plan.to_vague) {
       ordinal_[m.pos] = next_ordinal_++;
       all.push_back(m.pos);
@@ -445,7 +482,8 @@ absl::Status HeadCache::ApplyAppend(const AppendPlan& plan, const AppendSource& 
 
   // 2. Tokens into slots: slot-to-slot moves (ring -> candidates) first, as
   //    the caller rows of step 3 overwrite ring slots.
-  std::vector<int32_t> ss_src, ss_dst, rs_src, rs_dst;
+  std::vector<int32_t>&ss_src = scratch_[0], &ss_dst = scratch_[1], &rs_src = scratch_[2], &rs_dst = scratch_[3];
+  for (int i = 0; i < 4; ++i) scratch_[i].clear();
   for (const Move& m : plan.to_slot) {
     if (m.src_slot >= 0) {
       ss_src.push_back(m.src_slot);
@@ -477,6 +515,7 @@ absl::Status HeadCache::ApplyAppend(const AppendPlan& plan, const AppendSource& 
   for (const Move& m : plan.to_slot) {
     slot_pos_[m.dst_slot] = m.pos;
     slot_score_[m.dst_slot] = m.score;
+    if (plan_only_) slot_weight_[m.dst_slot] = weight_[m.pos];
     index_[m.pos] = static_cast<uint32_t>(m.dst_slot);
     region_[m.pos] = static_cast<uint8_t>(m.dst_slot < sink_             ? Region::kSink
                                           : m.dst_slot < sink_ + recent_ ? Region::kRecent
@@ -526,7 +565,7 @@ absl::Status HeadCache::AfterAttend() {
     // query group (as the kernel's slot probabilities are).
     const float norm = weight_sum_ > 0 ? static_cast<float>(ctx_.options->shape.group() / weight_sum_) : 0.0f;
     for (const kernels::SlotRange& r : ranges_) {
-      for (int32_t s = r.begin; s < r.begin + r.count; ++s) probs_host_[s] = weight_[slot_pos_[s]] * norm;
+      for (int32_t s = r.begin; s < r.begin + r.count; ++s) probs_host_[s] = slot_weight_[s] * norm;
     }
   } else if (absl::Status st = ctx_.backend->Copy(probs_host_.data(), slot_probs_,
                                                   probs_host_.size() * sizeof(float), CopyKind::kDeviceToHost);
@@ -586,7 +625,10 @@ absl::StatusOr<int> HeadCache::RequestRecall(std::span<const int64_t> positions,
   }
   // Staging slots: free ones first, then the installed tokens with the
   // lowest accumulated attention.
-  std::vector<int32_t> free_slots, installed;
+  std::vector<int32_t>& free_slots = recall_free_;
+  std::vector<int32_t>& installed = recall_installed_;
+  free_slots.clear();
+  installed.clear();
   // slot_probs sum over the query group: a uniform share is group / resident.
   const float uniform =
       last_resident_ > 0 ? ctx_.options->shape.group() / static_cast<float>(last_resident_) : 0.0f;
@@ -597,7 +639,8 @@ absl::StatusOr<int> HeadCache::RequestRecall(std::span<const int64_t> positions,
     if (make_room || !used) installed.push_back(StagingSlot(i));
   }
   const size_t room = free_slots.size() + installed.size();
-  std::vector<int32_t> targets;
+  std::vector<int32_t>& targets = recall_targets_;
+  targets.clear();
   for (int64_t p : positions) {
     if (targets.size() == room) break;
     if (region_[p] == static_cast<uint8_t>(Region::kVague) && !in_flight_[p]) {
@@ -608,10 +651,13 @@ absl::StatusOr<int> HeadCache::RequestRecall(std::span<const int64_t> positions,
   if (targets.empty()) return 0;
   if (targets.size() > free_slots.size()) {
     const size_t need = targets.size() - free_slots.size();
-    std::partial_sort(installed.begin(), installed.begin() + need, installed.end(), [&](int32_t a, int32_t b) {
+    // The `need` lowest, in order (a total order: positions differ).
+    auto lower = [&](int32_t a, int32_t b) {
       return slot_score_[a] < slot_score_[b] || (slot_score_[a] == slot_score_[b] && slot_pos_[a] < slot_pos_[b]);
-    });
+    };
+    if (need < installed.size()) std::nth_element(installed.begin(), installed.begin() + need, installed.end(), lower);
     installed.resize(need);
+    std::sort(installed.begin(), installed.end(), lower);
     if (absl::Status st = Unstage(installed); !st.ok()) return st;
     free_slots.insert(free_slots.end(), installed.begin(), installed.end());
   }
@@ -677,6 +723,7 @@ absl::Status HeadCache::Install(Pending& p) {
     index_[pos] = static_cast<uint32_t>(slot);
     slot_pos_[slot] = pos;
     slot_score_[slot] = 0.0f;
+    if (plan_only_) slot_weight_[slot] = weight_[pos];
     stage_[slot - StagingSlot(0)] = Stage::kInstalled;
     installed_at_[slot - StagingSlot(0)] = attends_;
     ++n_installed_;
@@ -756,15 +803,23 @@ absl::StatusOr<std::vector<int64_t>> HeadCache::Rank(RecallProxy proxy, const vo
   if (proxy == RecallProxy::kBlockBounds && bounds_dev_ == nullptr) {
     return absl::FailedPreconditionError("ranking by key bounds needs recall_proxy block-bounds in the options");
   }
+  if (plan_only_) {
+    // Weight classes are disjoint weight intervals, the heaviest first: the
+    // classes in index order, each one's members the most recent first.
+    for (uint32_t c = 0; c < class_count_.size(); ++c) {
+      if (class_count_[c] == 0) continue;
+      class_order_[c].ForEachDescending([&](uint32_t pos) {
+        if (!in_flight_[pos]) out.push_back(pos);
+        return static_cast<int>(out.size()) < count;
+      });
+      if (static_cast<int>(out.size()) == count) break;
+    }
+    return out;
+  }
   const ModelShape& sh = ctx_.options->shape;
   // Sketch scores (the estimated logit) of tokens `ids`.
   auto score_tokens = [&](const std::vector<uint32_t>& ids) {
     const int64_t n = static_cast<int64_t>(ids.size());
-    if (plan_only_) {
-      std::vector<float> w(n);
-      for (int64_t i = 0; i < n; ++i) w[i] = weight_[ids[i]];
-      return w;
-    }
     std::vector<uint32_t> buckets;
     if (sketch_.kind == SketchKind::kCentroid) {
       buckets.resize(n * sketch_.rows);
@@ -802,7 +857,7 @@ absl::StatusOr<std::vector<int64_t>> HeadCache::Rank(RecallProxy proxy, const vo
     class_score.assign(class_members_.size(), -INFINITY);
     for (size_t i = 0; i < reps.size(); ++i) class_score[rep_class[i]] = s[i];
   }
-  if ((proxy == RecallProxy::kSketch || plan_only_) && by_class_) {
+  if (proxy == RecallProxy::kSketch && by_class_) {
     std::vector<uint32_t> classes;
     for (uint32_t c = 0; c < class_members_.size(); ++c) {
       if (!class_members_[c].empty()) classes.push_back(c);
@@ -811,14 +866,6 @@ absl::StatusOr<std::vector<int64_t>> HeadCache::Rank(RecallProxy proxy, const vo
       return class_score[a] > class_score[b] || (class_score[a] == class_score[b] && a < b);
     });
     for (uint32_t c : classes) {
-      if (plan_only_) {  // the most recent first, from the ordered index
-        class_order_[c].ForEachDescending([&](uint32_t pos) {
-          if (!in_flight_[pos]) out.push_back(pos);
-          return static_cast<int>(out.size()) < count;
-        });
-        if (static_cast<int>(out.size()) == count) return out;
-        continue;
-      }
       // The most recent first within a class: order only as many members as
       // can still be taken, all of them when some of those are in flight.
       std::vector<uint32_t> members = class_members_[c];

@@ -96,6 +96,9 @@ class HeadCache {
     int32_t candidates_after = 0;
   };
   void PlanAppend(int64_t n, const AppendSource& src, AppendPlan& plan) const;
+  // A plan the runtime may reuse for this head's appends (its vectors keep
+  // their capacity, so a decode step allocates nothing for it).
+  AppendPlan& plan_scratch() { return plan_scratch_; }
   // Blocks ApplyAppend will need beyond those held.
   int64_t BlocksNeeded(const AppendPlan& plan) const;
   // Carries out the plan with `blocks` (BlocksNeeded of them, already created).
@@ -217,7 +220,7 @@ class HeadCache {
   // and sign; centroid: bucket) the same score: rank classes, not tokens.
   bool by_class_ = false;
   std::vector<std::vector<uint32_t>> class_members_;  // [class] vague positions
-  std::vector<uint32_t> class_of_;  // [length] class of a vague token
+  std::vector<uint32_t> class_of_;  // [length] class of a vague token (plan-only: of every token)
   std::vector<uint32_t> in_class_;  // [length] its index in class_members_
   // Plan-only: each class's members as a set of positions, so that ranking
   // walks them most recent first in O(tokens taken), not O(class).
@@ -272,6 +275,15 @@ class HeadCache {
   // Plan-only: attention weight of every token, and their sum.
   std::vector<float> weight_;       // [length]
   double weight_sum_ = 0;
+  std::vector<float> slot_weight_;  // [slots] weight_ of the token in each occupied slot
+  std::vector<uint32_t> class_count_;  // [class] vague members of each weight class
+  // Scratch kept across calls: the decode path allocates none of these.
+  AppendPlan plan_scratch_;
+  mutable std::vector<Move> leaving_;
+  mutable std::vector<uint64_t> pool_;
+  mutable std::vector<int32_t> free_scratch_;
+  std::vector<int32_t> recall_free_, recall_installed_, recall_targets_;
+  std::vector<int32_t> scratch_[5];  // ApplyAppend's lists of slots and positions
 };
 
 }  // namespace kvtier

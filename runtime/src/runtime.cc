@@ -10,6 +10,7 @@
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/inlined_vector.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "head_cache.h"
@@ -399,18 +400,20 @@ absl::Status Runtime::Append(SequenceId id, int layer, const void* k, const void
 
   // Plan every head, reserve the host blocks, then carry the plans out.
   const int H = sh.kv_heads;
-  std::vector<HeadCache::AppendPlan> plans(H);
-  std::vector<AppendSource> sources(H);
-  std::vector<int64_t> first_block(H + 1, 0);
+  // The plans live in their heads (reused scratch); H is small.
+  absl::InlinedVector<HeadCache::AppendPlan*, 16> plans(H);
+  absl::InlinedVector<AppendSource, 16> sources(H);
+  absl::InlinedVector<int64_t, 17> first_block(H + 1, 0);
   for (int h = 0; h < H; ++h) {
+    plans[h] = &I.Head(s, layer, h).plan_scratch();
     sources[h] = AppendSource{plan_only ? nullptr : static_cast<const char*>(k) + h * I.q_row_bytes(),
                               plan_only ? nullptr : static_cast<const char*>(v) + h * I.q_row_bytes(),
                               H * I.q_row_bytes(), options.scores ? options.scores + h : nullptr, H,
                               plan_only && options.weights ? options.weights + h : nullptr};
-    I.Head(s, layer, h).PlanAppend(n, sources[h], plans[h]);
-    first_block[h + 1] = first_block[h] + I.Head(s, layer, h).BlocksNeeded(plans[h]);
+    I.Head(s, layer, h).PlanAppend(n, sources[h], *plans[h]);
+    first_block[h + 1] = first_block[h] + I.Head(s, layer, h).BlocksNeeded(*plans[h]);
   }
-  std::vector<BlockStore::Ref> blocks;
+  absl::InlinedVector<BlockStore::Ref, 16> blocks;
   blocks.reserve(first_block[H]);
   for (int64_t i = 0; i < first_block[H]; ++i) {
     absl::StatusOr<BlockStore::Ref> b = I.store->CreateBlock();
@@ -422,13 +425,13 @@ absl::Status Runtime::Append(SequenceId id, int layer, const void* k, const void
     }
     blocks.push_back(*b);
   }
-  std::vector<absl::Status> results(H);
+  absl::InlinedVector<absl::Status, 16> results(H);
   auto apply = [&](int h) {
     results[h] = I.Head(s, layer, h).ApplyAppend(
-        plans[h], sources[h],
+        *plans[h], sources[h],
         std::span<const BlockStore::Ref>(blocks.data() + first_block[h], first_block[h + 1] - first_block[h]));
   };
-  if (n == 1 || H == 1) {
+  if (n == 1 || H == 1 || plan_only) {  // plan-only work per head is too small to share out
     for (int h = 0; h < H; ++h) apply(h);
   } else {
     tbb::parallel_for(0, H, apply);
