@@ -597,7 +597,8 @@ AttendCounts HeadCache::Served() const {
 
 absl::Status HeadCache::Unstage(std::span<const int32_t> slots) {
   if (slots.empty()) return absl::OkStatus();
-  std::vector<int32_t> positions;
+  std::vector<int32_t>& positions = unstage_pos_;
+  positions.clear();
   for (int32_t slot : slots) positions.push_back(slot_pos_[slot]);
   // Their exact K/V are in the slots: back into the sketch from there.
   SketchUpdateFromSlots(+1.0f, positions, slots);
@@ -651,29 +652,43 @@ absl::StatusOr<int> HeadCache::RequestRecall(std::span<const int64_t> positions,
   if (targets.empty()) return 0;
   if (targets.size() > free_slots.size()) {
     const size_t need = targets.size() - free_slots.size();
-    // The `need` lowest, in order (a total order: positions differ).
-    auto lower = [&](int32_t a, int32_t b) {
-      return slot_score_[a] < slot_score_[b] || (slot_score_[a] == slot_score_[b] && slot_pos_[a] < slot_pos_[b]);
-    };
-    if (need < installed.size()) std::nth_element(installed.begin(), installed.begin() + need, installed.end(), lower);
+    // The `need` lowest by (score, position), in order: one packed key per
+    // slot (scores are >= 0, + 0.0f turns a -0 into +0; positions differ).
+    std::vector<std::pair<uint64_t, int32_t>>& keyed = recall_keyed_;
+    keyed.clear();
+    for (int32_t slot : installed) {
+      keyed.emplace_back(uint64_t{std::bit_cast<uint32_t>(slot_score_[slot] + 0.0f)} << 32 |
+                             static_cast<uint32_t>(slot_pos_[slot]),
+                         slot);
+    }
+    auto lower = [](const auto& a, const auto& b) { return a.first < b.first; };
+    if (need < keyed.size()) std::nth_element(keyed.begin(), keyed.begin() + need, keyed.end(), lower);
+    keyed.resize(need);
+    std::sort(keyed.begin(), keyed.end(), lower);
     installed.resize(need);
-    std::sort(installed.begin(), installed.end(), lower);
+    for (size_t i = 0; i < need; ++i) installed[i] = keyed[i].second;
     if (absl::Status st = Unstage(installed); !st.ok()) return st;
     free_slots.insert(free_slots.end(), installed.begin(), installed.end());
   }
   // One gather per block: its tokens' K and V rows into their slots.
-  std::vector<size_t> order(targets.size());
+  std::vector<size_t>& order = recall_order_;
+  order.resize(targets.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
   std::sort(order.begin(), order.end(),
             [&](size_t a, size_t b) { return ordinal_[targets[a]] < ordinal_[targets[b]]; });
   const int64_t rb = ctx_.row_bytes;
   Pending p;
+  p.positions.reserve(order.size());
+  p.slots.reserve(order.size());
   std::vector<GatherPart> parts;
   size_t i = 0;
   while (i < order.size()) {
     const BlockStore::Ref block = OrdinalBlock(ordinal_[targets[order[i]]]);
+    size_t end = i + 1;
+    while (end < order.size() && OrdinalBlock(ordinal_[targets[order[end]]]) == block) ++end;
     GatherPart part{block, {}};
-    for (; i < order.size() && OrdinalBlock(ordinal_[targets[order[i]]]) == block; ++i) {
+    part.rows.reserve(2 * (end - i));
+    for (; i < end; ++i) {
       const int32_t pos = targets[order[i]];
       const int32_t slot = free_slots[order[i]];
       const uint32_t ord = ordinal_[pos];
@@ -698,7 +713,9 @@ absl::Status HeadCache::Install(Pending& p) {
   for (int32_t pos : p.positions) in_flight_[pos] = 0;
   // Parts that failed: their tokens stay vague (the store counted and logged
   // the fault); the others are installed.
-  std::vector<int32_t> positions, slots;
+  std::vector<int32_t>&positions = install_pos_, &slots = install_slots_;
+  positions.clear();
+  slots.clear();
   int32_t begin = 0;
   for (size_t part = 0; part < p.part_end.size(); ++part) {
     const int32_t end = p.part_end[part];

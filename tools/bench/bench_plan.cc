@@ -1,7 +1,8 @@
 // The plan-only runtime's bookkeeping path (Options::plan_only, what
 // kvtier-replay --content none runs): token-events per second on one core.
-// A token-event is one token appended to one layer, or one sequence's attend
-// on one layer (the replay's count). SmolLM2-135M's shape, 10% budget.
+// A token-event is one token through one layer: appended in a prefill, or
+// appended and attended in a decode step (the replay's count).
+// SmolLM2-135M's shape, 10% budget.
 //
 //   build/release/tools/bench_plan --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 #include <memory>
@@ -16,13 +17,13 @@ namespace {
 using kvtier::AppendOptions;
 using kvtier::Runtime;
 
-std::unique_ptr<Runtime> Make(int64_t max_context, bool recall) {
+// The options' defaults (the replay's), recall on.
+std::unique_ptr<Runtime> Make(int64_t max_context) {
   kvtier::Options o;
   o.shape = kvtier::ModelShape::SmolLM2_135M();
   o.max_context = max_context;
   o.max_sequences = 1;
   o.device_budget_fraction = 0.10;
-  o.recall_proxy = recall ? kvtier::RecallProxy::kSketch : kvtier::RecallProxy::kNone;
   o.plan_only = true;
   return std::move(*Runtime::Create(o));
 }
@@ -41,7 +42,7 @@ std::vector<float> Weights(int64_t n, int heads) {
 void BM_PlanPrefill(benchmark::State& state) {
   tbb::global_control one_core(tbb::global_control::max_allowed_parallelism, 1);
   const int64_t context = state.range(0);
-  auto rt = Make(context, true);
+  auto rt = Make(context);
   const int L = rt->options().shape.layers, H = rt->options().shape.kv_heads;
   const std::vector<float> w = Weights(context, H);
   kvtier::SequenceId id = 0;
@@ -62,12 +63,12 @@ void BM_PlanPrefill(benchmark::State& state) {
 BENCHMARK(BM_PlanPrefill)->Arg(4096)->Arg(32768)->Unit(benchmark::kMillisecond);
 
 // Decode: one token appended and attended on every layer of a sequence
-// already `context` tokens long (recall on); each step is 2 x layers events.
+// already `context` tokens long (recall on); each step is `layers` events.
 void BM_PlanDecode(benchmark::State& state) {
   tbb::global_control one_core(tbb::global_control::max_allowed_parallelism, 1);
   const int64_t context = state.range(0);
   const int64_t steps = 4096;
-  auto rt = Make(context + steps + 1, true);
+  auto rt = Make(context + steps + 1);
   const int L = rt->options().shape.layers, H = rt->options().shape.kv_heads;
   const std::vector<float> w = Weights(context + steps, H);
   (void)rt->AddSequence(1);
@@ -90,7 +91,7 @@ void BM_PlanDecode(benchmark::State& state) {
       (void)rt->Attend(1, l, nullptr, nullptr);
     }
     ++pos;
-    events += 2 * L;
+    events += L;
   }
   state.SetItemsProcessed(events);
   state.counters["token_events_per_s"] = benchmark::Counter(static_cast<double>(events), benchmark::Counter::kIsRate);
