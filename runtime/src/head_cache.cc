@@ -241,31 +241,10 @@ const void* HeadCache::HostView(const char* device, int64_t bytes, std::vector<c
 
 absl::Status HeadCache::WriteToStore(std::span<const Move> moves, const AppendSource& src) {
   const int64_t rb = ctx_.row_bytes;
-  if (plan_only_) {  // the same runs, blocks, heat and seals; no bytes to gather
-    size_t i = 0;
-    while (i < moves.size()) {
-      const uint32_t ord0 = ordinal_[moves[i].pos];
-      const BlockStore::Ref block = OrdinalBlock(ord0);
-      size_t j = i;
-      float heat = 0.0f;
-      while (j < moves.size() && OrdinalBlock(ordinal_[moves[j].pos]) == block) heat += moves[j++].score;
-      const int64_t bytes = static_cast<int64_t>(j - i) * rb;
-      if (absl::Status st = ctx_.store->Write(block, OrdinalOffset(ord0), nullptr, bytes); !st.ok()) return st;
-      if (absl::Status st = ctx_.store->Write(block, VOffset() + OrdinalOffset(ord0), nullptr, bytes); !st.ok())
-        return st;
-      ctx_.store->AddHeat(block, heat);
-      i = j;
-    }
-    while (sealed_ < static_cast<int64_t>(blocks_.size()) &&
-           (sealed_ + 1) * static_cast<int64_t>(block_tokens()) <= static_cast<int64_t>(next_ordinal_)) {
-      ctx_.store->Seal(blocks_[sealed_++]);
-    }
-    return absl::OkStatus();
-  }
   const int d = ctx_.options->shape.head_dim;
   const DType dtype = ctx_.options->shape.dtype;
   std::vector<char> k_run, v_run, bounce;
-  std::vector<float> kf(d);
+  std::vector<float> kf(plan_only_ ? 0 : d);
   int64_t first_group = -1, last_group = -1;
   size_t i = 0;
   while (i < moves.size()) {
@@ -276,9 +255,12 @@ absl::Status HeadCache::WriteToStore(std::span<const Move> moves, const AppendSo
     float heat = 0.0f;
     while (j < moves.size() && OrdinalBlock(ordinal_[moves[j].pos]) == block) heat += moves[j++].score;
     const int64_t bytes = static_cast<int64_t>(j - i) * rb;
-    k_run.resize(bytes);
-    v_run.resize(bytes);
-    for (size_t t = i; t < j; ++t) {
+    // Plan-only: the same runs, blocks, heat and seals; no bytes to gather.
+    if (!plan_only_) {
+      k_run.resize(bytes);
+      v_run.resize(bytes);
+    }
+    for (size_t t = i; t < j && !plan_only_; ++t) {
       const Move& m = moves[t];
       const char* k = m.src_slot >= 0 ? KSlot(m.src_slot) : src.k + m.src_row * src.stride_bytes;
       const char* v = m.src_slot >= 0 ? VSlot(m.src_slot) : src.v + m.src_row * src.stride_bytes;
@@ -309,8 +291,12 @@ absl::Status HeadCache::WriteToStore(std::span<const Move> moves, const AppendSo
         }
       }
     }
-    if (absl::Status st = ctx_.store->Write(block, OrdinalOffset(ord0), k_run.data(), bytes); !st.ok()) return st;
-    if (absl::Status st = ctx_.store->Write(block, VOffset() + OrdinalOffset(ord0), v_run.data(), bytes); !st.ok())
+    if (absl::Status st = ctx_.store->Write(block, OrdinalOffset(ord0), plan_only_ ? nullptr : k_run.data(), bytes);
+        !st.ok())
+      return st;
+    if (absl::Status st =
+            ctx_.store->Write(block, VOffset() + OrdinalOffset(ord0), plan_only_ ? nullptr : v_run.data(), bytes);
+        !st.ok())
       return st;
     ctx_.store->AddHeat(block, heat);
     i = j;

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "kvtier/kernels/convert.h"
+#include "workload/synthetic_kv.h"
 
 namespace kvtier::replay {
 namespace {
@@ -12,16 +13,9 @@ uint64_t Key(uint64_t seed, uint64_t a, uint64_t b, uint64_t c) {
   return Mix64(Mix64(Mix64(seed ^ 0x9e3779b97f4a7c15ull) + a) + (b << 20) + c);
 }
 
-void Gaussian(uint64_t key, float* out, int n) {
-  for (int i = 0; i < n; i += 2) {
-    const uint64_t z = Mix64(key + 0x9e3779b97f4a7c15ull * static_cast<uint64_t>(i + 1));
-    const double u1 = (static_cast<double>(z >> 40) + 0.5) * (1.0 / 16777216.0);
-    const double u2 = (static_cast<double>(z & 0xffffff) + 0.5) * (1.0 / 16777216.0);
-    const double r = std::sqrt(-2.0 * std::log(u1));
-    out[i] = static_cast<float>(r * std::cos(2.0 * M_PI * u2));
-    if (i + 1 < n) out[i + 1] = static_cast<float>(r * std::sin(2.0 * M_PI * u2));
-  }
-}
+// The content model's normal draws: the workload's Box-Muller over Mix64 below
+// (SplitMix64 with its increment, unlike the workload's finalizer-only mix).
+void Gaussian(uint64_t key, float* out, int n) { workload::GaussianFill(key, out, n, Mix64); }
 
 void Store(DType dtype, const float* x, int n, char* out) {
   for (int i = 0; i < n; ++i) {

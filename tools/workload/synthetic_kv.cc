@@ -3,13 +3,13 @@
 #include <cmath>
 
 namespace kvtier::workload {
-namespace {
-
 uint64_t Mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
   return z ^ (z >> 31);
 }
+
+namespace {
 
 uint64_t Key(uint64_t seed, uint64_t a, uint64_t b, uint64_t c) {
   return Mix64(Mix64(Mix64(seed ^ 0x9e3779b97f4a7c15ull) + a) + (b << 20) + c);
@@ -17,9 +17,9 @@ uint64_t Key(uint64_t seed, uint64_t a, uint64_t b, uint64_t c) {
 
 }  // namespace
 
-void GaussianFill(uint64_t key, float* out, int n) {
+void GaussianFill(uint64_t key, float* out, int n, uint64_t (*mix)(uint64_t)) {
   for (int i = 0; i < n; i += 2) {
-    const uint64_t z = Mix64(key + 0x9e3779b97f4a7c15ull * static_cast<uint64_t>(i + 1));
+    const uint64_t z = mix(key + 0x9e3779b97f4a7c15ull * static_cast<uint64_t>(i + 1));
     const double u1 = (static_cast<double>(z >> 40) + 0.5) * (1.0 / 16777216.0);
     const double u2 = (static_cast<double>(z & 0xffffff) + 0.5) * (1.0 / 16777216.0);
     const double r = std::sqrt(-2.0 * std::log(u1));

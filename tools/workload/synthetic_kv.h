@@ -65,8 +65,12 @@ class SyntheticKv {
   std::vector<HeadBasis> bases_;
 };
 
-// Fills out with N(0, 1) values that depend only on (key, index).
-void GaussianFill(uint64_t key, float* out, int n);
+// The 64-bit mixing function (SplitMix64's finalizer) of the synthetic workload.
+uint64_t Mix64(uint64_t z);
+
+// Fills out with N(0, 1) values that depend only on (key, index): Box-Muller
+// over mix(key + golden ratio x (index + 1)); mix defaults to Mix64.
+void GaussianFill(uint64_t key, float* out, int n, uint64_t (*mix)(uint64_t) = Mix64);
 
 }  // namespace kvtier::workload
 
