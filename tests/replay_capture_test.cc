@@ -139,6 +139,7 @@ TEST(Capture, ReplayHoldsTheCapturedKeysAndValues) {
   EXPECT_EQ(r->completed, 3);
   EXPECT_EQ(checked, 3 * 2 * kKvHeads * 6);
   EXPECT_THAT(ReplaySummary(*r, o), HasSubstr("captured " + dir));
+  EXPECT_THAT(ReplayJson(*r, o), HasSubstr("\"capture\": \"" + dir + "\",\n"));
 }
 
 TEST(Capture, ErrorsNameTheProblem) {

@@ -138,6 +138,7 @@ TEST(Replay, JsonHasTheStableKeys) {
                           "step_latency_p50_us", "step_latency_p99_us", "wall_seconds", "token_events_per_second"}) {
     EXPECT_THAT(json, HasSubstr(std::string("\"") + key + "\": ")) << key;
   }
+  EXPECT_THAT(json, HasSubstr("\"capture\": \"\",\n"));  // generated content, no capture
   const std::string csv = RequestsCsv(*r);
   EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 9);  // header + 8 requests
 }

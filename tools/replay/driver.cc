@@ -480,6 +480,26 @@ std::string ReplaySummary(const ReplayResult& r, const ReplayOptions& o) {
   return s;
 }
 
+namespace {
+
+// The characters a JSON string must escape.
+std::string JsonEscape(std::string_view in) {
+  std::string out;
+  for (const char c : in) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      absl::StrAppendFormat(&out, "\\u%04x", static_cast<unsigned char>(c));
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
 std::string ReplayJson(const ReplayResult& r, const ReplayOptions& o) {
   const double served = static_cast<double>(r.served_exact + r.served_sketch + r.served_dropped);
   auto rate = [](double a, double b) { return b > 0 ? a / b : 0.0; };
@@ -488,6 +508,7 @@ std::string ReplayJson(const ReplayResult& r, const ReplayOptions& o) {
   auto dbl = [&](const char* k, double v) { absl::StrAppendFormat(&s, "  \"%s\": %.9g,\n", k, v); };
   absl::StrAppendFormat(&s, "  \"model\": \"%s\",\n  \"shape\": \"%s\",\n  \"content\": \"%s\",\n", o.model_name,
                         o.shape.ToString(), o.content == ContentLevel::kFull ? "full" : "none");
+  absl::StrAppendFormat(&s, "  \"capture\": \"%s\",\n", o.capture != nullptr ? JsonEscape(o.capture->dir()) : "");
   i64("token_scale", o.token_scale);
   i64("seed", static_cast<int64_t>(o.seed));
   i64("requests", r.requests);
