@@ -92,6 +92,7 @@ class BlockStore::State {
     // Disk-read bounce: a host-tier block (kept as the promoted copy) or heap.
     BlockId read_host = kNoBlock;
     char* read_heap = nullptr;
+    float read_heat = 0.0f;  // the heat a promotion gives it, fixed when the read starts
 
     bool Busy() const { return pins > 0 || demoting || reading || !waiting.empty(); }
   };
@@ -314,7 +315,7 @@ int64_t BlockStore::DemoteColdest(bool force) {
   if (cap == 0) return 0;  // an uncapped host tier never needs room
   const int64_t high = static_cast<int64_t>(options_.high_watermark * cap);
   const int64_t low = static_cast<int64_t>(options_.low_watermark * cap);
-  if (!force && s.host_copies <= high) return 0;
+  if (!force && s.host_copies - s.demoting <= high) return 0;  // in-flight demotions count as done
   int64_t need = (s.host_copies - s.demoting) - low;
   if (force) need = std::max<int64_t>(need, 1);
   if (need <= 0) return 0;
@@ -594,6 +595,9 @@ void BlockStore::StartDiskRead(Ref ref) {
     AnnounceChunks(s, host_, options_.on_new_host_chunk);
     b.read_host = *hb;
     buf = host_.Data(*hb);
+    // Promoted when read: the hottest block, ranked when the read was asked
+    // for (not when the I/O thread finishes it), so the ranking is repeatable.
+    b.read_heat = s.max_heat = s.max_heat + 1.0f;
   } else if (options_.content_free) {  // host tier full: no promotion, nothing to read into
     buf = nullptr;
   } else {  // host tier full: read into heap memory, no promotion
@@ -679,8 +683,7 @@ void BlockStore::OnRead(Ref ref, absl::Status st) {
         b.read_host = kNoBlock;
         s.MoveTo(b, State::Loc::kHost);
         ++s.host_copies;
-        // Just read: the hottest block now, so room is made elsewhere.
-        b.heat = s.max_heat = s.max_heat + 1.0f;
+        b.heat = b.read_heat;
         disk_->Free(b.disk).IgnoreError();
         b.disk = kNoBlock;
         s.disk_full = false;
@@ -696,7 +699,9 @@ void BlockStore::OnRead(Ref ref, absl::Status st) {
     b.read_host = kNoBlock;
     b.read_heap = nullptr;
     if (b.deleted && !b.Busy()) Reclaim(s, host_, disk_, ref);
-    if (keep_buffer) DemoteColdest(/*force=*/false);
+    // No demotion from here: the next seal (or a full host tier) makes room,
+    // from the runtime's thread, so what is demoted does not depend on when
+    // this I/O thread ran.
     if (!finished.empty()) ++s.finishing;
     s.changed.notify_all();
   }

@@ -301,11 +301,6 @@ absl::Status HeadCache::WriteToStore(std::span<const Move> moves, const AppendSo
     ctx_.store->AddHeat(block, heat);
     i = j;
   }
-  // Full blocks are sealed: from now on they may move down the tiers.
-  while (sealed_ < static_cast<int64_t>(blocks_.size()) &&
-         (sealed_ + 1) * static_cast<int64_t>(block_tokens()) <= static_cast<int64_t>(next_ordinal_)) {
-    ctx_.store->Seal(blocks_[sealed_++]);
-  }
   if (first_group >= 0) {  // the widened bounds to the device, in the model dtype
     const int64_t groups = last_group - first_group + 1;
     std::vector<char> rows(groups * 2 * rb);
@@ -509,6 +504,13 @@ absl::Status HeadCache::ApplyAppend(const AppendPlan& plan, const AppendSource& 
   }
   n_candidates_ = plan.candidates_after;
   return absl::OkStatus();
+}
+
+void HeadCache::SealFullBlocks() {
+  while (sealed_ < static_cast<int64_t>(blocks_.size()) &&
+         (sealed_ + 1) * static_cast<int64_t>(block_tokens()) <= static_cast<int64_t>(next_ordinal_)) {
+    ctx_.store->Seal(blocks_[sealed_++]);
+  }
 }
 
 // ---------------------------------------------------------------- Attend

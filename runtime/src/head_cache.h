@@ -104,6 +104,11 @@ class HeadCache {
   // Carries out the plan with `blocks` (BlocksNeeded of them, already created).
   absl::Status ApplyAppend(const AppendPlan& plan, const AppendSource& src,
                            std::span<const BlockStore::Ref> blocks);
+  // Seals the blocks ApplyAppend filled: from then on they may move down the
+  // tiers (a seal may start demotions). Separate from ApplyAppend so that the
+  // runtime seals in head order after heads were applied in parallel: which
+  // blocks are demoted does not depend on thread timing.
+  void SealFullBlocks();
 
   // ---- Attend ----
   // Fills the head's part of the kernel parameters (slots, sketch, ranges).

@@ -439,6 +439,7 @@ absl::Status Runtime::Append(SequenceId id, int layer, const void* k, const void
   for (const absl::Status& st : results) {
     if (!st.ok()) return absl::InternalError(absl::StrCat("append failed half-way: ", st.message()));
   }
+  for (int h = 0; h < H; ++h) I.Head(s, layer, h).SealFullBlocks();
   I.appended.fetch_add(n, std::memory_order_relaxed);
   return absl::OkStatus();
 }

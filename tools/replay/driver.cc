@@ -166,6 +166,7 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
   // expected attention shares stand in for the kernels' softmax.
   o.plan_only = options.content == ContentLevel::kNone;
   const bool plan_only = o.plan_only;
+  const bool disk_tier = !plan_only && !o.nvme_dir.empty();
   absl::StatusOr<std::unique_ptr<Runtime>> created = Runtime::Create(o);
   if (!created.ok()) return created.status();
   Runtime& rt = **created;
@@ -370,8 +371,14 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
                                                          res.per_request[s.index].line, st.message()));
         }
       }
+      // With a disk tier, the demotions the appends started and the recalls
+      // the attends started finish before the next layer's work, so which
+      // blocks are demoted and which are read from the disk tier do not
+      // depend on I/O timing (the same seed gives the same JSON).
+      if (disk_tier) rt.Drain();
       absl::StatusOr<AttendCounts> c = rt.AttendBatch(l, items);
       if (!c.ok()) return c.status();
+      if (disk_tier) rt.Drain();
       exact += c->exact;
       sketch += c->from_sketch;
       res.served_dropped += c->dropped;

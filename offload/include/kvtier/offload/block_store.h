@@ -3,15 +3,18 @@
 //
 // A block is created open in the host tier; tokens are written into it until
 // it is sealed. Sealed blocks may be demoted: when the host tier holds more
-// than the high watermark of its cap, the coldest sealed blocks (lowest heat,
-// which the runtime raises when it ranks or recalls a block's tokens) are
-// written to the disk tier, coldest first, until it holds the low watermark;
-// a block's host memory is freed only when its write completed. Each block
+// than the high watermark of its cap (demotions in flight counted as done),
+// the coldest sealed blocks (lowest heat, which the runtime raises when it
+// ranks or recalls a block's tokens) are written to the disk tier, coldest
+// first, until it holds the low watermark; a block's host memory is freed
+// only when its write completed. Demotions are decided on the caller's
+// thread only (at Seal, or when CreateBlock finds the host tier full), never
+// when an I/O completes. Each block
 // written to disk carries an xxh3 checksum, verified when it is read back; a
 // mismatch is read again once, then the block is lost: DataLoss for every
 // read of it, counted, logged once, and nothing else touched. Reading a disk
 // block for a gather promotes it back to the host tier when there is room,
-// as the hottest block.
+// as the hottest block at the time the read was asked for.
 //
 // Gathers are asynchronous: rows of a block are copied to destinations (the
 // device staging slots) on the store's transfer thread or, for disk blocks,
