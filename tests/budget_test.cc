@@ -33,16 +33,18 @@ TEST(Budget, TenPercentFollowsTheShares) {
   EXPECT_LE(p->total_bytes, p->budget_bytes);
   EXPECT_EQ(p->budget_bytes, static_cast<int64_t>(std::floor(0.10 * p->full_cache_bytes)));
   EXPECT_EQ(p->sink_tokens, 4);
-  // Derived parts split what is left after sink and metadata by their
-  // shares: recent 0.25, candidates 0.35, staging 0.15, sketch 0.25.
+  // Derived parts split what is left after sink and metadata in proportion
+  // to their shares (defaults recent 0.25, candidates 0.35, staging 0.15,
+  // sketch 0.10).
   const int64_t slot = o.shape.HeadTokenBytes() + 4;
   const int64_t bucket = (2 * 64 + 2) * 4;
   const double rest = p->recent_tokens * slot + p->candidate_tokens * slot + p->staging_tokens * slot +
                       p->sketch_width * bucket;
-  EXPECT_NEAR(p->recent_tokens * slot / rest, 0.25, 0.01);
-  EXPECT_NEAR(p->candidate_tokens * slot / rest, 0.35, 0.01);
-  EXPECT_NEAR(p->staging_tokens * slot / rest, 0.15, 0.01);
-  EXPECT_NEAR(p->sketch_width * bucket / rest, 0.25, 0.01);
+  const double shares = o.recent_share + o.candidate_share + o.staging_share + o.sketch_share;
+  EXPECT_NEAR(p->recent_tokens * slot / rest, o.recent_share / shares, 0.01);
+  EXPECT_NEAR(p->candidate_tokens * slot / rest, o.candidate_share / shares, 0.01);
+  EXPECT_NEAR(p->staging_tokens * slot / rest, o.staging_share / shares, 0.01);
+  EXPECT_NEAR(p->sketch_width * bucket / rest, o.sketch_share / shares, 0.01);
   // The plan uses what the budget allows: less than one of each unit is left.
   EXPECT_GT(p->total_bytes, p->budget_bytes - o.shape.layers * o.shape.kv_heads * (3 * slot + bucket + 5 * 64));
   EXPECT_EQ(p->per_sequence_bytes, p->per_head.total() * o.shape.layers * o.shape.kv_heads);

@@ -152,7 +152,7 @@ template <> struct Field<BackendKind> : EnumField<BackendKind, BackendKindName> 
   X(recent_share, "Share of the budget for a derived recent window, in [0, 1]. Default 0.25.")                     \
   X(candidate_share, "Share for derived candidates, in [0, 1]. Default 0.35.")                                     \
   X(staging_share, "Share for derived staging, in [0, 1]. Default 0.15.")                                          \
-  X(sketch_share, "Share for a derived sketch, in [0, 1]. Default 0.25.")                                          \
+  X(sketch_share, "Share for a derived sketch, in [0, 1]. Default 0.10.")                                          \
   X(score_decay, "Accumulated-attention decay per step, in (0, 1]. Default 0.9.")                                  \
   X(sketch_kind, "'none', 'count-sketch' or 'centroid' (default).")                                                \
   X(sketch_rows, "Sketch hash rows, in [0, 8]; 0 (default): 1.")                                                   \

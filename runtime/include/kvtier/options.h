@@ -104,7 +104,7 @@ struct Options {
   double recent_share = 0.25;     // default 0.25
   double candidate_share = 0.35;  // default 0.35
   double staging_share = 0.15;    // default 0.15
-  double sketch_share = 0.25;     // default 0.25
+  double sketch_share = 0.10;     // default 0.10
   // Accumulated-attention decay applied before each step's probabilities are
   // added to a resident token's score. Default 0.9, in (0, 1]; 1.0 gives plain
   // H2O sums, which keep long-resident tokens over tokens that matter now: on
