@@ -130,8 +130,6 @@ TEST(PlanOnly, RecallsAndDemotesWithoutContents) {
 TEST(PlanOnly, RanksVagueTokensByWeight) {
   Options o = Base(true);
   o.recall_proxy = RecallProxy::kSketch;
-  o.score_decay = 1.0;  // the options the fingerprint was recorded with
-  o.sketch_share = 0.25;
   absl::StatusOr<std::unique_ptr<Runtime>> rt = Runtime::Create(o);
   ASSERT_TRUE(rt.ok()) << rt.status();
   ASSERT_TRUE((*rt)->AddSequence(1).ok());
