@@ -1,5 +1,6 @@
 // Trace parsers of kvtier-replay: the Mooncake JSONL and CSV formats, strict
 // errors with line numbers, lenient skipping, and the profile/shape files.
+#include <fstream>
 #include <string>
 
 #include "gmock/gmock.h"
@@ -132,6 +133,34 @@ TEST(ReplayProfile, PresetsAndShapeFiles) {
   EXPECT_EQ(f->dtype, DType::kBF16);
   absl::StatusOr<ModelShape> bad = ParseShapeFile("layers = 2\nheads = 4\n");
   EXPECT_THAT(bad.status().message(), HasSubstr("line 2: unknown shape key"));
+}
+
+// The tools' --shape / --model / --profile: files or presets, errors naming the file.
+TEST(ReplayProfile, LoadShapeAndProfileFromFilesOrPresets) {
+  const std::string dir = ::testing::TempDir();
+  const std::string shape = dir + "/kvtier_load.shape", profile = dir + "/kvtier_load.profile";
+  std::ofstream(shape) << "layers = 2\nq_heads = 4\nkv_heads = 2\nhead_dim = 64\ndtype = f16\n";
+  std::ofstream(profile) << "h2d_gbps = 12.5\n";
+  std::string name;
+  absl::StatusOr<ModelShape> f = LoadShape(shape, "smollm2-135m", &name);
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(f->layers, 2);
+  EXPECT_EQ(name, shape);
+  absl::StatusOr<ModelShape> p = LoadShape("", "smollm2-135m", &name);
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->layers, 30);
+  EXPECT_EQ(name, "smollm2-135m");
+  EXPECT_EQ(LoadShape(dir + "/missing.shape", "", &name).status().message(),
+            "cannot open shape file " + dir + "/missing.shape");
+  EXPECT_THAT(LoadShape("", "no-such-model", &name).status().message(), HasSubstr("unknown model"));
+  std::ofstream(shape) << "layers = 2\nheads = 4\n";
+  EXPECT_THAT(LoadShape(shape, "", &name).status().message(), HasSubstr(shape + ": "));
+  absl::StatusOr<HardwareProfile> hp = LoadProfile(profile);
+  ASSERT_TRUE(hp.ok()) << hp.status();
+  EXPECT_EQ(hp->h2d_gbps, 12.5);
+  EXPECT_EQ(LoadProfile(dir + "/missing.profile").status().message(), "cannot open profile " + dir + "/missing.profile");
+  std::ofstream(profile) << "a = 1\n";
+  EXPECT_THAT(LoadProfile(profile).status().message(), HasSubstr(profile + ": line 1: unknown profile key"));
 }
 
 TEST(ReplayProfile, ProfileFileOverridesDefaults) {

@@ -2,7 +2,6 @@
 // tiers and with the whole cache on the GPU, the tier traffic of a decode
 // step and the binding limit. See docs/replay.md, "kvtier-plan".
 #include <cstdio>
-#include <fstream>
 #include <string>
 
 #include "absl/flags/flag.h"
@@ -42,34 +41,19 @@ int Fail(const std::string& what) {
   return 2;
 }
 
-bool ReadFile(const std::string& path, std::string& out) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) return false;
-  out.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-  return true;
-}
-
 int Run() {
   using namespace kvtier;
   using namespace kvtier::replay;
   PlanOptions o;
-  std::string text;
-  if (!absl::GetFlag(FLAGS_shape).empty()) {
-    if (!ReadFile(absl::GetFlag(FLAGS_shape), text)) return Fail("cannot open shape file " + absl::GetFlag(FLAGS_shape));
-    absl::StatusOr<ModelShape> s = ParseShapeFile(text);
-    if (!s.ok()) return Fail(absl::GetFlag(FLAGS_shape) + ": " + std::string(s.status().message()));
+  if (absl::StatusOr<ModelShape> s = LoadShape(absl::GetFlag(FLAGS_shape), absl::GetFlag(FLAGS_model), &o.model_name);
+      s.ok()) {
     o.shape = *s;
-    o.model_name = absl::GetFlag(FLAGS_shape);
   } else {
-    absl::StatusOr<ModelShape> s = ModelPreset(absl::GetFlag(FLAGS_model));
-    if (!s.ok()) return Fail(std::string(s.status().message()));
-    o.shape = *s;
-    o.model_name = absl::GetFlag(FLAGS_model);
+    return Fail(std::string(s.status().message()));
   }
   if (!absl::GetFlag(FLAGS_profile).empty()) {
-    if (!ReadFile(absl::GetFlag(FLAGS_profile), text)) return Fail("cannot open profile " + absl::GetFlag(FLAGS_profile));
-    absl::StatusOr<HardwareProfile> p = ParseProfile(text);
-    if (!p.ok()) return Fail(absl::GetFlag(FLAGS_profile) + ": " + std::string(p.status().message()));
+    absl::StatusOr<HardwareProfile> p = LoadProfile(absl::GetFlag(FLAGS_profile));
+    if (!p.ok()) return Fail(std::string(p.status().message()));
     o.profile = *p;
   }
   for (auto [flag, name, out] : {std::tuple{&FLAGS_device_kv_bytes, "--device-kv-bytes", &o.profile.device_kv_bytes},

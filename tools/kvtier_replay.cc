@@ -4,7 +4,6 @@
 #include <atomic>
 #include <csignal>
 #include <cstdio>
-#include <fstream>
 #include <functional>
 #include <memory>
 #include <numeric>
@@ -80,26 +79,15 @@ int Run() {
   using namespace kvtier;
   using namespace kvtier::replay;
   ReplayOptions o;
-  if (!absl::GetFlag(FLAGS_shape).empty()) {
-    std::ifstream f(absl::GetFlag(FLAGS_shape));
-    if (!f) return Fail("cannot open shape file " + absl::GetFlag(FLAGS_shape));
-    std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-    absl::StatusOr<ModelShape> s = ParseShapeFile(text);
-    if (!s.ok()) return Fail(absl::GetFlag(FLAGS_shape) + ": " + std::string(s.status().message()));
+  if (absl::StatusOr<ModelShape> s = LoadShape(absl::GetFlag(FLAGS_shape), absl::GetFlag(FLAGS_model), &o.model_name);
+      s.ok()) {
     o.shape = *s;
-    o.model_name = absl::GetFlag(FLAGS_shape);
   } else {
-    absl::StatusOr<ModelShape> s = ModelPreset(absl::GetFlag(FLAGS_model));
-    if (!s.ok()) return Fail(std::string(s.status().message()));
-    o.shape = *s;
-    o.model_name = absl::GetFlag(FLAGS_model);
+    return Fail(std::string(s.status().message()));
   }
   if (!absl::GetFlag(FLAGS_profile).empty()) {
-    std::ifstream f(absl::GetFlag(FLAGS_profile));
-    if (!f) return Fail("cannot open profile " + absl::GetFlag(FLAGS_profile));
-    std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-    absl::StatusOr<HardwareProfile> p = ParseProfile(text);
-    if (!p.ok()) return Fail(absl::GetFlag(FLAGS_profile) + ": " + std::string(p.status().message()));
+    absl::StatusOr<HardwareProfile> p = LoadProfile(absl::GetFlag(FLAGS_profile));
+    if (!p.ok()) return Fail(std::string(p.status().message()));
     o.profile = *p;
   }
   if (absl::GetFlag(FLAGS_calibrate)) {

@@ -1,6 +1,8 @@
 #include "replay/profile.h"
 
 #include <cmath>
+#include <fstream>
+#include <iterator>
 #include <utility>
 
 #include "absl/strings/ascii.h"
@@ -149,6 +151,39 @@ absl::StatusOr<int64_t> ParseBytes(absl::string_view text) {
     return absl::InvalidArgumentError(absl::StrCat("\"", text, "\" is not a byte count (e.g. 4096, 1.5e9, 2GiB)"));
   }
   return static_cast<int64_t>(std::llround(x * mult));
+}
+
+namespace {
+
+bool ReadWholeFile(const std::string& path, std::string& out) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return false;
+  out.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+  return true;
+}
+
+}  // namespace
+
+absl::StatusOr<ModelShape> LoadShape(const std::string& shape_file, absl::string_view preset, std::string* name) {
+  if (shape_file.empty()) {
+    absl::StatusOr<ModelShape> s = ModelPreset(preset);
+    if (s.ok()) *name = std::string(preset);
+    return s;
+  }
+  std::string text;
+  if (!ReadWholeFile(shape_file, text)) return absl::NotFoundError("cannot open shape file " + shape_file);
+  absl::StatusOr<ModelShape> s = ParseShapeFile(text);
+  if (!s.ok()) return absl::Status(s.status().code(), shape_file + ": " + std::string(s.status().message()));
+  *name = shape_file;
+  return s;
+}
+
+absl::StatusOr<HardwareProfile> LoadProfile(const std::string& path) {
+  std::string text;
+  if (!ReadWholeFile(path, text)) return absl::NotFoundError("cannot open profile " + path);
+  absl::StatusOr<HardwareProfile> p = ParseProfile(text);
+  if (!p.ok()) return absl::Status(p.status().code(), path + ": " + std::string(p.status().message()));
+  return p;
 }
 
 }  // namespace kvtier::replay

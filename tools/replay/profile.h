@@ -23,6 +23,10 @@ namespace kvtier::replay {
 absl::StatusOr<ModelShape> ModelPreset(absl::string_view name);
 std::vector<std::string> ModelPresetNames();
 absl::StatusOr<ModelShape> ParseShapeFile(absl::string_view text);
+// The tools' --shape / --model: the shape file at `shape_file` when it is
+// not empty, else the preset `preset`; *name becomes the file's path or the
+// preset's name. Errors name the file.
+absl::StatusOr<ModelShape> LoadShape(const std::string& shape_file, absl::string_view preset, std::string* name);
 
 // What the virtual clock charges. Defaults: one data-centre GPU on PCIe 4.0
 // x16 with a datacentre NVMe drive.
@@ -44,6 +48,8 @@ struct HardwareProfile {
 
 absl::StatusOr<HardwareProfile> ParseProfile(absl::string_view text, HardwareProfile base = {});
 std::string ProfileToString(const HardwareProfile& p);
+// A profile file over the defaults; errors name the file.
+absl::StatusOr<HardwareProfile> LoadProfile(const std::string& path);
 
 // "1.5e9", "2GiB", "512MB", "4096" -> bytes; InvalidArgument with the text.
 absl::StatusOr<int64_t> ParseBytes(absl::string_view text);
