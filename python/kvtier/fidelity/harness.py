@@ -403,18 +403,18 @@ def parse_args(argv=None):
     args.budgets = [float(x) for x in args.budgets.split(",") if x]
     args.policies = [p for p in args.policies.split(",") if p]
     args.capture_layers = [int(x) for x in args.capture_layers.split(",") if x]
-    docs = [int(x) for x in str(args.docs).split(",") if x]
-    if len(docs) == 1:
-        docs = docs * len(args.contexts)
-    if len(docs) != len(args.contexts):
-        ap.error(f"--docs has {len(docs)} numbers for {len(args.contexts)} contexts")
-    args.docs = docs
-    trials = [int(x) for x in str(args.passkey_trials).split(",") if x]
-    if len(trials) == 1:
-        trials = trials * len(args.contexts)
-    if len(trials) != len(args.contexts):
-        ap.error(f"--passkey-trials has {len(trials)} numbers for {len(args.contexts)} contexts")
-    args.passkey_trials = trials
+
+    def per_context(flag, text):
+        """One number, or one per context, as a list with one per context."""
+        values = [int(x) for x in str(text).split(",") if x]
+        if len(values) == 1:
+            values = values * len(args.contexts)
+        if len(values) != len(args.contexts):
+            ap.error(f"{flag} has {len(values)} numbers for {len(args.contexts)} contexts")
+        return values
+
+    args.docs = per_context("--docs", args.docs)
+    args.passkey_trials = per_context("--passkey-trials", args.passkey_trials)
     for d in args.define:
         name, _, kvs = d.partition(":")
         opts = {}
