@@ -363,7 +363,6 @@ void HeadCache::SketchUpdateFromRows(float sign, std::span<const int32_t> positi
 }
 
 uint32_t HeadCache::ClassOf(int32_t pos) const {
-  if (plan_only_) return class_of_[pos];  // set once, with the weight
   if (sketch_.kind == SketchKind::kCountSketch) {
     const uint32_t h = kernels::TokenHash(kernels::RowSeed(sketch_.seed, 0), static_cast<uint32_t>(pos));
     return 2 * kernels::Bucket(h, sketch_.width) + (kernels::Sign(h) < 0 ? 1 : 0);
