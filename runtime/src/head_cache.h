@@ -18,8 +18,8 @@
 // kernel runs and no K/V are read or written (src.k, src.v are null); each
 // token carries an attention weight, AfterAttend takes the step's slot
 // probabilities from the weights instead of the attention kernel, and the
-// vague tokens are ranked by weight, in classes of a quarter octave (the
-// class machinery of one-row sketches, with weight classes for hash classes).
+// vague tokens are ranked by weight, in classes of a quarter octave: the
+// heaviest class first, the most recent first within a class.
 //
 // Not thread-safe: the owning sequence serialises calls; distinct HeadCaches
 // may be used concurrently.
