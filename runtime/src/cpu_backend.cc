@@ -5,6 +5,9 @@
 
 #include "absl/strings/str_format.h"
 #include "kvtier/backend.h"
+#if defined(KVTIER_WITH_CUDA)
+#include "cuda_backend.h"
+#endif
 
 namespace kvtier {
 namespace {
@@ -84,10 +87,18 @@ class CpuBackend final : public Backend {
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(BackendKind kind) {
   switch (kind) {
     case BackendKind::kAuto:
+#if defined(KVTIER_WITH_CUDA)
+      if (absl::StatusOr<std::unique_ptr<Backend>> cuda = CreateCudaBackend(); cuda.ok()) return cuda;
+#endif
+      [[fallthrough]];
     case BackendKind::kCpu:
       return std::unique_ptr<Backend>(std::make_unique<CpuBackend>());
     case BackendKind::kCuda:
+#if defined(KVTIER_WITH_CUDA)
+      return CreateCudaBackend();
+#else
       return absl::NotFoundError("the CUDA backend is not part of this build of kvtier; use backend cpu or auto");
+#endif
   }
   return absl::InvalidArgumentError(absl::StrFormat("unknown backend kind %d", int(kind)));
 }

@@ -978,7 +978,7 @@ absl::Status HeadCache::EstimateToken(int64_t pos, float* k, float* v) const {
   p.keys = k;
   p.values = v;
   ctx_.backend->kernels().SketchEstimate(p);
-  return absl::OkStatus();
+  return ctx_.backend->kernels().error();
 }
 
 absl::Status HeadCache::CheckInvariants() const {

@@ -151,6 +151,7 @@ class Runtime::Impl {
 
   absl::Status CheckFinite(const void* data, int64_t n, const char* what) const {
     const int64_t bad = backend->kernels().CountNonFinite(data, n, options.shape.dtype);
+    if (absl::Status st = backend->kernels().error(); !st.ok()) return st;
     if (bad > 0) {
       return absl::InvalidArgumentError(
           absl::StrFormat("%s holds %d non-finite values (NaN or infinity) among %d", what, bad, n));
@@ -218,6 +219,9 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const Options& options)
   absl::StatusOr<std::unique_ptr<Backend>> backend = CreateBackend(options.backend);
   if (!backend.ok()) return backend.status();
   impl->backend = std::move(*backend);
+  if (absl::Status st = impl->backend->kernels().Supports(options.shape.head_dim, options.shape.group()); !st.ok()) {
+    return st;
+  }
 
   const ModelShape& sh = options.shape;
   const HeadLayout layout = ComputeHeadLayout(sh, options.max_context, *plan);
@@ -505,7 +509,10 @@ absl::StatusOr<AttendCounts> Runtime::AttendBatch(int layer, absl::Span<const At
       }
     }
   }
-  if (!I.options.plan_only) I.backend->kernels().Attend(params);
+  if (!I.options.plan_only) {
+    I.backend->kernels().Attend(params);
+    if (absl::Status st = I.backend->kernels().error(); !st.ok()) return st;
+  }
   AttendCounts total;
   for (size_t i = 0; i < items.size(); ++i) {
     absl::StatusOr<AttendCounts> c = I.FinishAttend(*held[i].seq, layer);

@@ -193,7 +193,10 @@ struct Options {
 
   // Seed for the sketch hashes and SimHash planes. Default fixed.
   uint64_t seed = 0x6b7674696572ull;
-  BackendKind backend = BackendKind::kAuto;  // default kAuto
+  // Where the K/V/Q/output pointers of Append and Attend live: kCpu takes
+  // host memory; kCuda and kAuto (CUDA when a device is present) take CUDA
+  // device memory. Default kCpu, so host tensors work on any machine.
+  BackendKind backend = BackendKind::kCpu;
 
   // InvalidArgument naming the offending field and value.
   absl::Status Validate() const;

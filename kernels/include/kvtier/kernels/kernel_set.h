@@ -12,6 +12,7 @@
 #include <span>
 #include <string_view>
 
+#include "absl/status/status.h"
 #include "kvtier/kernels/params.h"
 
 namespace kvtier::kernels {
@@ -31,6 +32,14 @@ class KernelSet {
   virtual void CopyRows(std::span<const RowCopyParams> items) = 0;
   // Elements of data[0, n) that are NaN or infinite. data is [device].
   virtual int64_t CountNonFinite(const void* data, int64_t n, DType dtype) = 0;
+
+  // InvalidArgument naming the limit when this kernel set cannot run a model
+  // with this head_dim and query group (query heads per KV head).
+  virtual absl::Status Supports(int head_dim, int group) const { return absl::OkStatus(); }
+  // The first failure of a call, kept: the calls return nothing, so a caller
+  // checks this after running kernels. A device error makes every later call
+  // a no-op. Always OK on the CPU.
+  virtual absl::Status error() const { return absl::OkStatus(); }
 };
 
 // The CPU implementation: oneTBB across items, vectorised inner loops.
