@@ -172,12 +172,16 @@ absl::StatusOr<std::unique_ptr<BlockStore>> BlockStore::Create(HostTier& host, T
         "block store: need 0 < low_watermark <= high_watermark <= 1, got %g and %g", options.low_watermark,
         options.high_watermark));
   }
-  return std::unique_ptr<BlockStore>(new BlockStore(host, disk, backend, options));
+  // Recall gathers queue their copies on one stream and wait once per gather.
+  absl::StatusOr<std::unique_ptr<Stream>> stream = backend.CreateStream();
+  if (!stream.ok()) return stream.status();
+  return std::unique_ptr<BlockStore>(new BlockStore(host, disk, backend, std::move(*stream), options));
 }
 
-BlockStore::BlockStore(HostTier& host, Tier* disk, Backend& backend, const Options& options)
-    : host_(host), disk_(disk), backend_(backend), options_(options), block_bytes_(host.block_bytes()),
-      state_(std::make_unique<State>()) {
+BlockStore::BlockStore(HostTier& host, Tier* disk, Backend& backend, std::unique_ptr<Stream> gather_stream,
+                       const Options& options)
+    : host_(host), disk_(disk), backend_(backend), gather_stream_(std::move(gather_stream)), options_(options),
+      block_bytes_(host.block_bytes()), state_(std::make_unique<State>()) {
   State& s = *state_;
   s.worker = std::thread([&s] {
     std::unique_lock lock(s.mu);
@@ -540,10 +544,15 @@ std::shared_ptr<Transfer> BlockStore::Gather(std::vector<GatherPart> parts) {
               run += rows[e++].bytes;
             }
             status[i].Update(backend_.Copy(rows[j].dst, host_rows[i].first + rows[j].offset, run,
-                                           CopyKind::kHostToDevice));
+                                           CopyKind::kHostToDevice, gather_stream_.get()));
             bytes[i] += run;
             j = e;
           }
+        }
+        // One wait for the whole gather, on its own stream: attention keeps
+        // running on the kernels' stream meanwhile.
+        if (const absl::Status st = gather_stream_->Synchronize(); !st.ok()) {
+          for (absl::Status& part : status) part.Update(st);
         }
         FinishHostParts(std::move(host_parts), std::move(bytes), transfer, std::move(status));
       });

@@ -153,7 +153,8 @@ class BlockStore {
   class State;  // internal
 
  private:
-  BlockStore(HostTier& host, Tier* disk, Backend& backend, const Options& options);
+  BlockStore(HostTier& host, Tier* disk, Backend& backend, std::unique_ptr<Stream> gather_stream,
+             const Options& options);
   // All with state_->mu held; tier calls are queued to run after it is released.
   int64_t DemoteColdest(bool force);
   void StartDiskRead(Ref ref);
@@ -167,6 +168,7 @@ class BlockStore {
   HostTier& host_;
   Tier* const disk_;
   Backend& backend_;
+  const std::unique_ptr<Stream> gather_stream_;  // the worker's host-to-device copies
   const Options options_;
   const int64_t block_bytes_;
   std::unique_ptr<State> state_;
