@@ -337,6 +337,7 @@ void PartGather(const Flags& fl) {
     CK(cudaMalloc(&order_dev, n * sizeof(int32_t)));
     CK(cudaMemcpy(order_dev, order.data(), n * sizeof(int32_t), cudaMemcpyHostToDevice));
 
+    CK(cudaMemsetAsync(dst, 0xff, total, s));  // poisoned: the check sees only what the gather wrote
     const double gather_ms = TimeOnStream(fl, s, [&] { LaunchGather(dst, src, order_dev, n, block, s); });
     CK(cudaMemsetAsync(errors, 0, sizeof(*errors), s));
     CountGatherErrors<<<kFillGrid, kFillBlock, 0, s>>>(static_cast<const uint32_t*>(dst), order_dev, n, block / 4,
@@ -449,6 +450,7 @@ void PartRecall(const Flags& fl) {
     check("zero-copy gather", order_dev, n, block);
     const double contig_ms =
         TimeOnStream(fl, s, [&] { CK(cudaMemcpyAsync(dst, host, total, cudaMemcpyHostToDevice, s)); });
+    CK(cudaMemsetAsync(dst, 0xff, total, s));
     const char* best = "memcpy/block";
     double best_ms = per_ms;
     if (kHaveBatch && batch_ms < best_ms) best = "batch", best_ms = batch_ms;
