@@ -211,14 +211,20 @@ Runtime::~Runtime() {
 }
 
 absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const Options& options) {
+  if (absl::Status st = options.Validate(); !st.ok()) return st;
+  absl::StatusOr<std::unique_ptr<Backend>> backend = CreateBackend(options.backend);
+  if (!backend.ok()) return backend.status();
+  return Create(options, std::move(*backend));
+}
+
+absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const Options& options, std::unique_ptr<Backend> backend) {
+  if (backend == nullptr) return absl::InvalidArgumentError("Runtime::Create: the backend is null");
   absl::StatusOr<BudgetPlan> plan = PlanBudget(options);
   if (!plan.ok()) return plan.status();
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   impl->plan = *plan;
-  absl::StatusOr<std::unique_ptr<Backend>> backend = CreateBackend(options.backend);
-  if (!backend.ok()) return backend.status();
-  impl->backend = std::move(*backend);
+  impl->backend = std::move(backend);
   if (absl::Status st = impl->backend->kernels().Supports(options.shape.head_dim, options.shape.group()); !st.ok()) {
     return st;
   }

@@ -40,6 +40,8 @@
 
 namespace kvtier {
 
+class Backend;  // kvtier/backend.h
+
 using SequenceId = uint64_t;
 
 // One sequence's query and output in a batched attend.
@@ -54,6 +56,10 @@ class Runtime {
   // Validates the options, plans the budget (kvtier/budget.h), creates the
   // backend and reserves the device arena of plan().total_bytes.
   static absl::StatusOr<std::unique_ptr<Runtime>> Create(const Options& options);
+  // The same on a backend the caller made (options.backend is not used), for
+  // a serving stack that brings its own device or a test that checks the
+  // runtime against a backend with other capabilities.
+  static absl::StatusOr<std::unique_ptr<Runtime>> Create(const Options& options, std::unique_ptr<Backend> backend);
   ~Runtime();
   Runtime(const Runtime&) = delete;
   Runtime& operator=(const Runtime&) = delete;
