@@ -343,7 +343,7 @@ class CudaKernelSet final : public KernelSet {
     // Plan: per item its resident count, splits and scratch offsets.
     std::vector<AttendItemDev>& dev = attend_items_;
     dev.assign(items.size(), AttendItemDev{});
-    int64_t total_ranges = 0, total_vague = 0, logits = 0, parts = 0, sketch = 0;
+    int64_t total_ranges = 0, logits = 0, parts = 0, sketch = 0;
     int max_splits = 0, max_tiles = 0, max_group = 1;
     uint32_t present = 0;
     for (int i = 0; i < n_items; ++i) {
@@ -361,7 +361,6 @@ class CudaKernelSet final : public KernelSet {
       parts += static_cast<int64_t>(d.tiles) * (d.splits + 1) * PartFloats(p.head_dim);
       sketch += SketchScratchFloats(p, d.tiles);
       total_ranges += p.num_ranges;
-      if (p.sketch.kind == SketchKind::kCountSketch && p.sketch.rows >= 2) total_vague += p.num_vague;
       max_splits = std::max(max_splits, d.splits);
       max_tiles = std::max(max_tiles, d.tiles);
       max_group = std::max(max_group, p.group);
@@ -370,33 +369,23 @@ class CudaKernelSet final : public KernelSet {
     Layout up;
     const int64_t at_items = up.Add(sizeof(AttendItemDev) * n_items);
     const int64_t at_ranges = up.Add(sizeof(SlotRange) * total_ranges);
-    const int64_t at_vague = up.Add(sizeof(uint32_t) * total_vague);
     Layout scratch = up;
     const int64_t at_logits = scratch.Add(4 * logits);
     const int64_t at_parts = scratch.Add(4 * parts);
     const int64_t at_sketch = scratch.Add(4 * sketch);
     if (!Reserve(scratch.size(), up.size())) return;
-    // Pack: ranges and vague ids first (the items point at their device copies).
-    int64_t r_off = 0, v_off = 0;
+    // Pack the ranges (the items point at their device copies), then the items.
+    int64_t r_off = 0;
     for (int i = 0; i < n_items; ++i) {
       const AttendParams& p = items[i];
-      std::memcpy(pinned_ + at_ranges + r_off * sizeof(SlotRange), p.ranges, sizeof(SlotRange) * p.num_ranges);
+      if (p.num_ranges > 0) {
+        std::memcpy(pinned_ + at_ranges + r_off * sizeof(SlotRange), p.ranges, sizeof(SlotRange) * p.num_ranges);
+      }
       dev[i].p.ranges = reinterpret_cast<const SlotRange*>(dev_ + at_ranges) + r_off;
       r_off += p.num_ranges;
-      if (p.sketch.kind == SketchKind::kCountSketch && p.sketch.rows >= 2) {
-        // vague_ids is [device] already: copy device to device into the pack's place.
-        dev[i].p.vague_ids = reinterpret_cast<const uint32_t*>(dev_ + at_vague) + v_off;
-        if (p.num_vague > 0 &&
-            !Check(cudaMemcpyAsync(dev_ + at_vague + v_off * 4, p.vague_ids, 4LL * p.num_vague,
-                                   cudaMemcpyDeviceToDevice, stream_),
-                   "attend: vague ids")) {
-          return;
-        }
-        v_off += p.num_vague;
-      }
     }
     std::memcpy(pinned_ + at_items, dev.data(), sizeof(AttendItemDev) * n_items);
-    if (!Check(cudaMemcpyAsync(dev_, pinned_, at_vague, cudaMemcpyHostToDevice, stream_), "attend: upload")) return;
+    if (!Check(cudaMemcpyAsync(dev_, pinned_, up.size(), cudaMemcpyHostToDevice, stream_), "attend: upload")) return;
     const auto* items_dev = reinterpret_cast<const AttendItemDev*>(dev_ + at_items);
     // Grids have at most 65535 items in y: launch in slices.
     for (int first = 0; first < n_items; first += 65535) {
