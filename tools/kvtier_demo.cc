@@ -10,10 +10,12 @@
 #include <string>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_format.h"
+#include "kvtier/backend.h"
 #include "kvtier/runtime.h"
 #include "cli.h"
 #include "workload/reference.h"
@@ -36,6 +38,9 @@ ABSL_FLAG(int64_t, nvme_bytes, int64_t{1} << 30, "cap on the disk tier in bytes"
 ABSL_FLAG(int, window, 16, "last prompt queries whose attention seeds the heavy-hitter scores");
 ABSL_FLAG(std::string, dtype, "f16", "K/V/Q dtype: f32 | f16 | bf16");
 ABSL_FLAG(uint64_t, seed, 1, "seed of the generated K/V");
+ABSL_FLAG(std::string, backend, "cpu",
+          "where the runtime runs: cpu | cuda | auto (CUDA when a device is present); on CUDA the demo's K/V/Q "
+          "cross to device memory as a serving stack's tensors would be");
 
 namespace kvtier {
 namespace {
@@ -87,7 +92,33 @@ int Run() {
   o.max_context = context + decode;
   o.device_budget_fraction = absl::GetFlag(FLAGS_budget);
 
-  absl::StatusOr<std::unique_ptr<Runtime>> created = Runtime::Create(o);
+  if (!cli::ParseName(absl::GetFlag(FLAGS_backend), BackendKindName, 3, o.backend)) {
+    std::fprintf(stderr, "kvtier-demo: unknown --backend %s (auto, cpu or cuda)\n", absl::GetFlag(FLAGS_backend).c_str());
+    return 2;
+  }
+  absl::StatusOr<std::unique_ptr<Backend>> made = CreateBackend(o.backend);
+  if (!made.ok()) {
+    std::fprintf(stderr, "kvtier-demo: backend %s: %s\n", absl::GetFlag(FLAGS_backend).c_str(),
+                 made.status().ToString().c_str());
+    return 1;
+  }
+  Backend& backend = **made;
+  // The runtime takes tensors in its backend's memory: host memory passes as
+  // it is, else it crosses into device buffers (and outputs come back).
+  const bool host_tensors = backend.caps().device_memory_host_accessible;
+  std::vector<void*> device_buffers;
+  auto device_buffer = [&](int64_t bytes) -> void* {
+    if (host_tensors) return nullptr;
+    absl::StatusOr<void*> p = backend.AllocateDevice(bytes);
+    if (!p.ok()) return nullptr;
+    device_buffers.push_back(*p);
+    return *p;
+  };
+  auto to_device = [&](void* dev, const void* host, int64_t bytes) -> const void* {
+    if (host_tensors) return host;
+    return backend.Copy(dev, host, bytes, CopyKind::kHostToDevice).ok() ? dev : nullptr;
+  };
+  absl::StatusOr<std::unique_ptr<Runtime>> created = Runtime::Create(o, std::move(*made));
   if (!created.ok()) {
     std::fprintf(stderr, "kvtier-demo: %s\n", created.status().ToString().c_str());
     return 1;
@@ -114,6 +145,18 @@ int Run() {
 
   // The exact K/V (rounded to the dtype) of every layer, for the reference.
   const int64_t total = context + decode;
+  const int64_t es = static_cast<int64_t>(DTypeSize(dtype));
+  void* dev_k = device_buffer(context * H * d * es);
+  void* dev_v = device_buffer(context * H * d * es);
+  void* dev_q = device_buffer(sh.q_heads * d * es);
+  void* dev_out = device_buffer(sh.q_heads * d * 4);
+  if (!host_tensors && (dev_k == nullptr || dev_v == nullptr || dev_q == nullptr || dev_out == nullptr)) {
+    std::fprintf(stderr, "kvtier-demo: cannot allocate the device buffers of the demo's tensors\n");
+    return 1;
+  }
+  auto free_buffers = absl::MakeCleanup([&] {
+    for (void* p : device_buffers) backend.FreeDevice(p);
+  });
   std::vector<std::vector<float>> keys(L), values(L);
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   auto t0 = std::chrono::steady_clock::now();
@@ -149,7 +192,13 @@ int Run() {
     v.Assign(values[l].data(), context * H * d);
     AppendOptions ao;
     ao.scores = scores.data();
-    if (absl::Status st = rt.Append(seq, l, k.data(), v.data(), context, ao); !st.ok()) {
+    const void* kd = to_device(dev_k, k.data(), context * H * d * es);
+    const void* vd = to_device(dev_v, v.data(), context * H * d * es);
+    if (kd == nullptr || vd == nullptr) {
+      std::fprintf(stderr, "kvtier-demo: copy of layer %d's K/V to the device failed\n", l);
+      return 1;
+    }
+    if (absl::Status st = rt.Append(seq, l, kd, vd, context, ao); !st.ok()) {
       std::fprintf(stderr, "kvtier-demo: prefill of layer %d: %s\n", l, st.ToString().c_str());
       return 1;
     }
@@ -176,7 +225,13 @@ int Run() {
       }
       kt.Assign(kp, H * d);
       vt.Assign(vp, H * d);
-      if (absl::Status st = rt.Append(seq, l, kt.data(), vt.data(), 1); !st.ok()) {
+      const void* kd = to_device(dev_k, kt.data(), H * d * es);
+      const void* vd = to_device(dev_v, vt.data(), H * d * es);
+      if (kd == nullptr || vd == nullptr) {
+        std::fprintf(stderr, "kvtier-demo: copy of a token's K/V to the device failed\n");
+        return 1;
+      }
+      if (absl::Status st = rt.Append(seq, l, kd, vd, 1); !st.ok()) {
         std::fprintf(stderr, "kvtier-demo: append: %s\n", st.ToString().c_str());
         return 1;
       }
@@ -186,7 +241,13 @@ int Run() {
       AttendOptions opts;
       opts.out_dtype = DType::kF32;
       const auto ta = std::chrono::steady_clock::now();
-      absl::StatusOr<AttendCounts> c = rt.Attend(seq, l, qt.data(), out.data(), opts);
+      const void* qd = to_device(dev_q, qt.data(), sh.q_heads * d * es);
+      absl::StatusOr<AttendCounts> c = qd == nullptr ? absl::InternalError("copy of q to the device failed")
+                                                     : rt.Attend(seq, l, qd, host_tensors ? out.data() : dev_out, opts);
+      if (c.ok() && !host_tensors) {
+        if (absl::Status st = backend.Copy(out.data(), dev_out, sh.q_heads * d * 4, CopyKind::kDeviceToHost); !st.ok())
+          c = st;
+      }
       attend_s += Seconds(ta);
       if (!c.ok()) {
         std::fprintf(stderr, "kvtier-demo: attend: %s\n", c.status().ToString().c_str());
@@ -259,7 +320,8 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "runs the kvtier runtime end to end on generated K/V of SmolLM2-135M and prints what it holds and served.\n"
       "Usage: kvtier-demo [--context N] [--decode N] [--budget F] [--sketch KIND] [--policy P] [--recall N]\n"
-      "                   [--proxy P] [--wait_us N] [--host_bytes N] [--nvme_dir DIR --nvme_bytes N]");
+      "                   [--proxy P] [--wait_us N] [--host_bytes N] [--nvme_dir DIR --nvme_bytes N]\n"
+      "                   [--backend cpu|cuda|auto]");
   absl::ParseCommandLine(argc, argv);
   return kvtier::Run();
 }
