@@ -264,10 +264,11 @@ absl::Status HeadCache::WriteToStore(std::span<const Move> moves, const AppendSo
       const Move& m = moves[t];
       const char* k = m.src_slot >= 0 ? KSlot(m.src_slot) : src.k + m.src_row * src.stride_bytes;
       const char* v = m.src_slot >= 0 ? VSlot(m.src_slot) : src.v + m.src_row * src.stride_bytes;
-      const void* hk = HostView(k, rb, bounce);
+      const bool bounced = m.src_slot < 0 && src.host_k != nullptr;  // the caller's rows, copied once per append
+      const void* hk = bounced ? src.host_k + m.src_row * src.stride_bytes : HostView(k, rb, bounce);
       if (hk == nullptr) return absl::InternalError("device-to-host copy of a key failed");
       std::memcpy(k_run.data() + (t - i) * rb, hk, rb);
-      const void* hv = HostView(v, rb, bounce);
+      const void* hv = bounced ? src.host_v + m.src_row * src.stride_bytes : HostView(v, rb, bounce);
       if (hv == nullptr) return absl::InternalError("device-to-host copy of a value failed");
       std::memcpy(v_run.data() + (t - i) * rb, hv, rb);
       if (bounds_dev_ != nullptr) {  // widen the key bounds of the token's group

@@ -63,6 +63,10 @@ struct AppendSource {
   const float* scores = nullptr;  // [host] row i's initial score at scores[i * score_stride]; may be null
   int64_t score_stride = 0;
   const float* weights = nullptr;  // [host] plan-only: row i's attention weight (stride score_stride); may be null
+  // [host] the same rows as k and v (same stride), where the backend's device
+  // memory is not host-accessible: what the host tier stores. Else null.
+  const char* host_k = nullptr;
+  const char* host_v = nullptr;
 };
 
 class HeadCache {

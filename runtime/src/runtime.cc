@@ -414,12 +414,24 @@ absl::Status Runtime::Append(SequenceId id, int layer, const void* k, const void
   absl::InlinedVector<HeadCache::AppendPlan*, 16> plans(H);
   absl::InlinedVector<AppendSource, 16> sources(H);
   absl::InlinedVector<int64_t, 17> first_block(H + 1, 0);
+  // Device memory the host cannot read: the rows the host tier will store
+  // cross once per append, not once per evicted row.
+  std::vector<char> host_k, host_v;
+  if (!plan_only && !I.backend->caps().device_memory_host_accessible) {
+    const int64_t bytes = elems * static_cast<int64_t>(DTypeSize(sh.dtype));
+    host_k.resize(bytes);
+    host_v.resize(bytes);
+    if (absl::Status st = I.backend->Copy(host_k.data(), k, bytes, CopyKind::kDeviceToHost); !st.ok()) return st;
+    if (absl::Status st = I.backend->Copy(host_v.data(), v, bytes, CopyKind::kDeviceToHost); !st.ok()) return st;
+  }
   for (int h = 0; h < H; ++h) {
     plans[h] = &I.Head(s, layer, h).plan_scratch();
     sources[h] = AppendSource{plan_only ? nullptr : static_cast<const char*>(k) + h * I.q_row_bytes(),
                               plan_only ? nullptr : static_cast<const char*>(v) + h * I.q_row_bytes(),
                               H * I.q_row_bytes(), options.scores ? options.scores + h : nullptr, H,
-                              plan_only && options.weights ? options.weights + h : nullptr};
+                              plan_only && options.weights ? options.weights + h : nullptr,
+                              host_k.empty() ? nullptr : host_k.data() + h * I.q_row_bytes(),
+                              host_v.empty() ? nullptr : host_v.data() + h * I.q_row_bytes()};
     I.Head(s, layer, h).PlanAppend(n, sources[h], *plans[h]);
     first_block[h + 1] = first_block[h] + I.Head(s, layer, h).BlocksNeeded(*plans[h]);
   }
