@@ -373,7 +373,7 @@ __global__ void AttendCombineKernel(const AttendItemDev* items, const float* log
   const AttendItemDev& it = items[blockIdx.x];
   const AttendParams& p = it.p;
   const int G = p.group, d = p.head_dim;
-  extern __shared__ float sh[];
+  KVTIER_DYNAMIC_SHARED(float, sh);
   float* M = sh;         // [G]
   float* inv_z = sh + G; // [G]
   const int nsplit = it.splits + 1;
@@ -418,7 +418,7 @@ __global__ void AttendCombineKernel(const AttendItemDev* items, const float* log
 template <int DT, int E>
 void LaunchPartial(dim3 grid, const AttendItemDev* items, int variant, float* logits, float* parts, float* scratch,
                    cudaStream_t stream) {
-  AttendPartialKernel<DT, E><<<grid, kThreads, 0, stream>>>(items, variant, logits, parts, scratch);
+  KVTIER_LAUNCH(grid, kThreads, 0, stream, AttendPartialKernel<DT, E>)(items, variant, logits, parts, scratch);
 }
 
 }  // namespace
@@ -443,7 +443,7 @@ cudaError_t LaunchAttend(const AttendItemDev* items, int n_items, int max_splits
     }
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
-  AttendCombineKernel<<<n_items, 256, 2 * max_group * sizeof(float), stream>>>(items, logits, parts);
+  KVTIER_LAUNCH(n_items, 256, 2 * max_group * sizeof(float), stream, AttendCombineKernel)(items, logits, parts);
   return cudaGetLastError();
 }
 

@@ -39,7 +39,9 @@ struct AttendItemDev {
 };
 
 // Floats of one partial: max and sum per head of a tile, then the outputs.
-__host__ __device__ inline int64_t PartFloats(int head_dim) { return static_cast<int64_t>(kGroupTile) * (2 + head_dim); }
+__host__ __device__ inline int64_t PartFloats(int head_dim) {
+  return static_cast<int64_t>(kGroupTile) * (2 + head_dim);
+}
 // Floats of the sketch scratch of an item (Count-Sketch with rows >= 2 only).
 inline int64_t SketchScratchFloats(const AttendParams& p, int tiles) {
   if (p.sketch.kind != SketchKind::kCountSketch || p.sketch.rows < 2) return 0;

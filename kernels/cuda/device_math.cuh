@@ -11,6 +11,18 @@
 #include "kvtier/kernels/convert.h"
 #include "kvtier/kernels/params.h"
 
+// Kernel launches and dynamic shared memory through macros, so the kernels
+// also build as plain C++ against tests/cuda_emu (a CPU emulation of the few
+// CUDA features they use) and run in the CPU test suite.
+//   KVTIER_LAUNCH(grid, block, shared_bytes, stream, kernel)(args...)
+#if defined(KVTIER_CUDA_EMULATION)
+#define KVTIER_LAUNCH(grid, block, shared, stream, ...) ::kvtier::emu::Launch(grid, block, shared, __VA_ARGS__)
+#define KVTIER_DYNAMIC_SHARED(type, name) type* name = static_cast<type*>(::kvtier::emu::DynamicShared())
+#else
+#define KVTIER_LAUNCH(grid, block, shared, stream, ...) __VA_ARGS__<<<grid, block, shared, stream>>>
+#define KVTIER_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 namespace kvtier::kernels::cuda {
 
 constexpr int kWarp = 32;

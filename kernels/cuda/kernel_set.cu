@@ -427,13 +427,14 @@ class CudaKernelSet final : public KernelSet {
     std::memcpy(pinned_ + at_items, dev.data(), sizeof(SketchUpdateParams) * n_items);
     if (!Check(cudaMemcpyAsync(dev_, pinned_, up.size(), cudaMemcpyHostToDevice, stream_), "sketch update: upload"))
       return;
-    SketchUpdateKernel<<<n_items, kThreads, 0, stream_>>>(reinterpret_cast<const SketchUpdateParams*>(dev_ + at_items));
+    KVTIER_LAUNCH(n_items, kThreads, 0, stream_, SketchUpdateKernel)
+    (reinterpret_cast<const SketchUpdateParams*>(dev_ + at_items));
     if (!Check(cudaGetLastError(), "sketch update")) return;
     // Buckets written on insert come back to the host.
     for (int i = 0; i < n_items; ++i) {
       if (at_buckets[i] >= 0 && items[i].sign > 0) {
-        if (!Check(cudaMemcpyAsync(pinned_ + at_buckets[i], dev_ + at_buckets[i], 4LL * items[i].n * items[i].sketch.rows,
-                                   cudaMemcpyDeviceToHost, stream_),
+        const int64_t bytes = 4LL * items[i].n * items[i].sketch.rows;
+        if (!Check(cudaMemcpyAsync(pinned_ + at_buckets[i], dev_ + at_buckets[i], bytes, cudaMemcpyDeviceToHost, stream_),
                    "sketch update: buckets"))
           return;
       }
@@ -466,7 +467,7 @@ class CudaKernelSet final : public KernelSet {
     if (uploaded > 0 &&
         !Check(cudaMemcpyAsync(dev_, pinned_, uploaded, cudaMemcpyHostToDevice, stream_), "sketch estimate: upload"))
       return;
-    SketchEstimateKernel<<<p.n, kThreads, 0, stream_>>>(dp);
+    KVTIER_LAUNCH(p.n, kThreads, 0, stream_, SketchEstimateKernel)(dp);
     if (!Check(cudaGetLastError(), "sketch estimate")) return;
     if (!Check(cudaMemcpyAsync(pinned_ + at_keys, dev_ + at_keys, up.size() - at_keys, cudaMemcpyDeviceToHost, stream_),
                "sketch estimate: download"))
@@ -499,8 +500,8 @@ class CudaKernelSet final : public KernelSet {
     float* qmu = reinterpret_cast<float*>(dev_ + at_qmu);
     float* scores = reinterpret_cast<float*>(dev_ + at_scores);
     const int proj_blocks = static_cast<int>(std::clamp<int64_t>((B + 3) / 4, 1, 1024));
-    ScoreProjKernel<<<proj_blocks, kThreads, 0, stream_>>>(dp, proj, qmu);
-    ScoreTokensKernel<<<(p.n + kThreads - 1) / kThreads, kThreads, 0, stream_>>>(dp, proj, qmu, scores);
+    KVTIER_LAUNCH(proj_blocks, kThreads, 0, stream_, ScoreProjKernel)(dp, proj, qmu);
+    KVTIER_LAUNCH((p.n + kThreads - 1) / kThreads, kThreads, 0, stream_, ScoreTokensKernel)(dp, proj, qmu, scores);
     if (!Check(cudaGetLastError(), "sketch scores")) return;
     if (!Check(cudaMemcpyAsync(pinned_ + at_scores, scores, 4LL * p.n, cudaMemcpyDeviceToHost, stream_),
                "sketch scores: download"))
@@ -516,7 +517,8 @@ class CudaKernelSet final : public KernelSet {
     if (!Reserve(Align(4LL * p.n), Align(4LL * p.n))) return;
     float* scores = reinterpret_cast<float*>(dev_);
     const int64_t threads = int64_t{p.n} * kWarp;
-    BoundScoresKernel<<<static_cast<unsigned>((threads + kThreads - 1) / kThreads), kThreads, 0, stream_>>>(p, scores);
+    const unsigned blocks = static_cast<unsigned>((threads + kThreads - 1) / kThreads);
+    KVTIER_LAUNCH(blocks, kThreads, 0, stream_, BoundScoresKernel)(p, scores);
     if (!Check(cudaGetLastError(), "bound scores")) return;
     if (!Check(cudaMemcpyAsync(pinned_, scores, 4LL * p.n, cudaMemcpyDeviceToHost, stream_), "bound scores: download"))
       return;
@@ -550,7 +552,8 @@ class CudaKernelSet final : public KernelSet {
     if (!Check(cudaMemcpyAsync(dev_, pinned_, up.size(), cudaMemcpyHostToDevice, stream_), "copy rows: upload")) return;
     for (int first = 0; first < n_items; first += 65535) {
       const dim3 grid(max_rows, std::min(65535, n_items - first));
-      CopyRowsKernel<<<grid, kThreads, 0, stream_>>>(reinterpret_cast<const RowCopyParams*>(dev_ + at_items) + first);
+      KVTIER_LAUNCH(grid, kThreads, 0, stream_, CopyRowsKernel)
+      (reinterpret_cast<const RowCopyParams*>(dev_ + at_items) + first);
       if (!Check(cudaGetLastError(), "copy rows")) return;
     }
     Finish("copy rows");
@@ -564,7 +567,7 @@ class CudaKernelSet final : public KernelSet {
     auto* counter = reinterpret_cast<unsigned long long*>(dev_);
     if (!Check(cudaMemsetAsync(counter, 0, sizeof(*counter), stream_), "count non-finite")) return 0;
     const int blocks = static_cast<int>(std::clamp<int64_t>((n + 255) / 256, 1, 1024));
-    CountNonFiniteKernel<<<blocks, 256, 0, stream_>>>(data, n, dtype, counter);
+    KVTIER_LAUNCH(blocks, 256, 0, stream_, CountNonFiniteKernel)(data, n, dtype, counter);
     if (!Check(cudaGetLastError(), "count non-finite")) return 0;
     if (!Check(cudaMemcpyAsync(pinned_, counter, sizeof(*counter), cudaMemcpyDeviceToHost, stream_),
                "count non-finite: download"))
