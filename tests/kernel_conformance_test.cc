@@ -281,6 +281,117 @@ std::vector<double> EstimateMagnitude(const SketchState& s, VaguePolicy policy, 
   return mag;
 }
 
+// Adds to `mag` (one double per float of the sketch's arrays) the magnitude
+// of every term n tokens add to (or take from) key/value sums and totals.
+// key(j), value(j): token j's fp32 key and value; buckets [n][rows] (centroid).
+template <typename KeyFn, typename ValueFn>
+void AddMagnitude(const SketchState& s, std::vector<double>& mag, int64_t n, const uint32_t* ids,
+                  const uint32_t* buckets, const KeyFn& key, const ValueFn& value) {
+  const int d = s.head_dim;
+  const int64_t cells = int64_t{s.rows} * s.width;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* k = key(j);
+    const float* v = value(j);
+    for (int r = 0; r < s.rows; ++r) {
+      const int64_t bb = CellOf(s, r, ids[j], buckets, j);
+      for (int e = 0; e < d; ++e) {
+        mag[bb * d + e] += std::abs(k[e]);
+        mag[(cells + bb) * d + e] += std::abs(v[e]);
+      }
+    }
+    for (int e = 0; e < d; ++e) {
+      mag[2 * cells * d + 2 * cells + e] += std::abs(k[e]);
+      mag[2 * cells * d + 2 * cells + d + e] += std::abs(v[e]);
+    }
+  }
+}
+
+// Compares a sketch's arrays (SketchStateFloats floats) with the reference's.
+// Sums: fp32 sums of the same terms in another order, error below 1e-5 of
+// the sum of their magnitudes (`mag`, from AddMagnitude). Counts (and the
+// token count in totals) are sums of +-1: exact. A bucket or the totals that
+// emptied are cleared to exactly 0 on every backend (the reference checks
+// count <= 0.5 after each token).
+void CompareSketchArrays(const std::vector<float>& got, const std::vector<float>& want, const std::vector<double>& mag,
+                         const SketchState& s, bool bit_exact, const std::string& what) {
+  const int d = s.head_dim;
+  const int64_t cells = int64_t{s.rows} * s.width;
+  const int64_t counts_at = 2 * cells * d, totals_at = counts_at + 2 * cells;
+  ASSERT_EQ(got.size(), want.size()) << what;
+  CompareFloats(got.data(), want.data(), static_cast<int64_t>(want.size()), bit_exact,
+                [&](int64_t e) -> double {
+                  if (e >= counts_at && e < totals_at) return 0.0;
+                  if (e >= totals_at + 2 * d) return 0.0;
+                  if (e < counts_at) {
+                    const int64_t bb = (e / d) % cells;
+                    if (want[counts_at + 2 * bb] == 0.0f && want[counts_at + 2 * bb + 1] == 0.0f) return 0.0;
+                  }
+                  if (e >= totals_at && want[totals_at + 2 * d] == 0.0f) return 0.0;
+                  return 1e-5 * mag[e];
+                },
+                what + " sketch arrays");
+}
+
+// Tolerances of SketchScores: score = scale * max_g q_g . k_hat is a fp32
+// dot product of q with the reconstruction's terms, in another order: error
+// below 1e-5 of scale * max_g sum_j |q_gj| * (sum of |terms| of k_hat_j).
+std::vector<double> ScoreTolerances(const SketchState& s, VaguePolicy policy, const std::vector<uint32_t>& ids,
+                                    const uint32_t* buckets, const std::vector<float>& qf, int group, float scale) {
+  const int d = s.head_dim;
+  std::vector<double> tol(ids.size());
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const std::vector<double> m = EstimateMagnitude(s, policy, ids[i], buckets, static_cast<int64_t>(i), false);
+    double best = 0;
+    for (int g = 0; g < group; ++g) {
+      double sum = 0;
+      for (int j = 0; j < d; ++j) sum += std::abs(qf[int64_t{g} * d + j]) * m[j];
+      best = std::max(best, sum);
+    }
+    tol[i] = 1e-5 * scale * best + 1e-7;
+  }
+  return tol;
+}
+
+// Rows of d elements of `es` bytes with their coordinates permuted:
+// out[r][j] = in[r][perm[j]], or the inverse, out[r][perm[j]] = in[r][j].
+template <typename T>
+std::vector<T> PermuteCoords(const std::vector<T>& in, int d, size_t es, const std::vector<int>& perm,
+                             bool inverse = false) {
+  std::vector<T> out(in.size());
+  const size_t row = d * es / sizeof(T);
+  const size_t rows = in.size() / row;
+  const auto* src = reinterpret_cast<const uint8_t*>(in.data());
+  auto* dst = reinterpret_cast<uint8_t*>(out.data());
+  for (size_t r = 0; r < rows; ++r) {
+    for (int j = 0; j < d; ++j) {
+      const size_t to = (r * d + (inverse ? perm[j] : j)) * es, from = (r * d + (inverse ? j : perm[j])) * es;
+      std::memcpy(dst + to, src + from, es);
+    }
+  }
+  return out;
+}
+
+// A sketch's arrays with the coordinates of every key/value sum and of the
+// totals permuted (counts and the token count stay).
+std::vector<float> PermuteSketch(const std::vector<float>& mem, const SketchState& s, const std::vector<int>& perm) {
+  const int d = s.head_dim;
+  const int64_t sums = 2LL * s.rows * s.width * d, totals_at = sums + 2LL * s.rows * s.width;
+  std::vector<float> out = mem;
+  const std::vector<float> a = PermuteCoords(std::vector<float>(mem.begin(), mem.begin() + sums), d, 4, perm);
+  const std::vector<float> t =
+      PermuteCoords(std::vector<float>(mem.begin() + totals_at, mem.begin() + totals_at + 2 * d), d, 4, perm);
+  std::copy(a.begin(), a.end(), out.begin());
+  std::copy(t.begin(), t.end(), out.begin() + totals_at);
+  return out;
+}
+
+std::vector<int> Shuffled(int d, uint32_t seed) {
+  std::vector<int> perm(d);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), std::mt19937(seed));
+  return perm;
+}
+
 // ---------------------------------------------------------------------------
 // The fixture: one backend kind per instantiation.
 
@@ -504,11 +615,13 @@ void ResetDeviceOutputs(AttendItemData& it) {
   it.dprobs.Upload(std::vector<float>(kCapacity, kProbSentinel));
 }
 
-void CompareAttend(const AttendItemData& it, bool bit_exact, const std::string& what) {
+// Compares an Attend output (raw, in the item's out dtype) and slot_probs
+// with the item's reference.
+void CompareAttendOutputs(const AttendItemData& it, const std::vector<uint8_t>& got_raw,
+                          const std::vector<float>& probs, bool bit_exact, const std::string& what) {
   const AttendCase& c = it.c;
   const DType out_t = it.host.out_dtype;
   const int64_t n = int64_t{c.group} * c.d;
-  const std::vector<uint8_t> got_raw = it.dout.DownloadAs<uint8_t>();
   const std::vector<float> got = Decode(got_raw.data(), out_t, n), want = Decode(it.ref_out.data(), out_t, n);
   // Outputs are convex mixes of values (resident, bucket means, or Count-
   // Sketch reconstructions), computed in fp32 over at most a few hundred
@@ -521,7 +634,6 @@ void CompareAttend(const AttendItemData& it, bool bit_exact, const std::string& 
   CompareFloats(got.data(), want.data(), n, bit_exact,
                 [&](int64_t i) { return 2e-5 * it.vmax + ulp * std::abs(double(want[i])); }, what + " out");
   if (c.probs) {
-    const std::vector<float> probs = it.dprobs.DownloadAs<float>();
     // Slot probabilities (sums over the group of softmax probabilities) carry
     // the relative error of their logits' exp: 2e-5 relative, with a 1e-7
     // floor per query head for probabilities too small to matter. Slots
@@ -532,6 +644,10 @@ void CompareAttend(const AttendItemData& it, bool bit_exact, const std::string& 
                   },
                   what + " slot_probs");
   }
+}
+
+void CompareAttend(const AttendItemData& it, bool bit_exact, const std::string& what) {
+  CompareAttendOutputs(it, it.dout.DownloadAs<uint8_t>(), it.dprobs.DownloadAs<float>(), bit_exact, what);
 }
 
 std::vector<AttendCase> AttendCases() {
@@ -772,41 +888,10 @@ TEST_P(KernelConformance, SketchUpdateMatchesReference) {
         EXPECT_EQ(dev_buckets[i], ref_buckets[i]) << name << ": centroid buckets";
         for (uint32_t b : ref_buckets[i]) ASSERT_LT(b, static_cast<uint32_t>(s.width)) << name;
       }
-      // Magnitude mirror: every term added to or taken from each float.
-      const int64_t cells = int64_t{s.rows} * s.width;
-      for (size_t j = 0; j < t.ids.size(); ++j) {
-        for (int r = 0; r < s.rows; ++r) {
-          const int64_t bb = CellOf(s, r, t.ids[j], ref_buckets[i].data(), static_cast<int64_t>(j));
-          for (int e = 0; e < d; ++e) {
-            it.mag[bb * d + e] += std::abs(t.Key(j)[e]);
-            it.mag[(cells + bb) * d + e] += std::abs(t.Value(j)[e]);
-          }
-        }
-        for (int e = 0; e < d; ++e) {
-          it.mag[2 * cells * d + 2 * cells + e] += std::abs(t.Key(j)[e]);
-          it.mag[2 * cells * d + 2 * cells + d + e] += std::abs(t.Value(j)[e]);
-        }
-      }
-      const std::vector<float> got = it.dev->Download();
-      const std::vector<float>& want = it.host->mem;
-      const int64_t counts_at = 2 * cells * d, totals_at = counts_at + 2 * cells;
-      // Sums: fp32 sums of the same terms in another order, error below
-      // 1e-5 of the sum of their magnitudes. Counts (and the token count in
-      // totals) are sums of +-1: exact. A bucket or the totals that emptied
-      // are cleared to exactly 0 on every backend (the reference checks
-      // count <= 0.5 after each token).
-      CompareFloats(got.data(), want.data(), static_cast<int64_t>(want.size()), bit_exact_,
-                    [&](int64_t e) -> double {
-                      if (e >= counts_at && e < totals_at) return 0.0;
-                      if (e >= totals_at + 2 * d) return 0.0;
-                      if (e < counts_at) {
-                        const int64_t bb = (e / d) % cells;
-                        if (want[counts_at + 2 * bb] == 0.0f && want[counts_at + 2 * bb + 1] == 0.0f) return 0.0;
-                      }
-                      if (e >= totals_at && want[totals_at + 2 * d] == 0.0f) return 0.0;
-                      return 1e-5 * it.mag[e];
-                    },
-                    name + " sketch arrays");
+      AddMagnitude(
+          s, it.mag, static_cast<int64_t>(t.ids.size()), t.ids.data(), ref_buckets[i].data(),
+          [&](int64_t j) { return t.Key(static_cast<int>(j)); }, [&](int64_t j) { return t.Value(static_cast<int>(j)); });
+      CompareSketchArrays(it.dev->Download(), it.host->mem, it.mag, s, bit_exact_, name);
     }
   };
 
@@ -878,6 +963,37 @@ TEST_P(KernelConformance, SketchUpdateRemovingEveryTokenClearsExactly) {
     for (float f : got) nonzero += FloatBits(f) != 0u;
     EXPECT_EQ(nonzero, 0) << SketchKindName(kind) << ": every float must be +0 after removing every token";
   }
+}
+
+// The first token into an empty centroid sketch is its own mean: the centred
+// key is exactly 0, every SimHash dot product is 0 and "dot >= 0" sets every
+// bit, so its bucket is width - 1 in every row on every backend. (The
+// runtime does this for the first vague token of every head.)
+TEST_P(KernelConformance, SketchUpdateLoneCentroidTokenGoesToTheLastBucket) {
+  const int d = 64, rows = 2, width = 16;
+  HostSketch h(SketchKind::kCentroid, rows, width, d, 5);
+  DeviceSketch ds(backend(), h);
+  const std::vector<float> k = RandomNormal(d, 8, 1.0f, 0.3f), v = RandomNormal(d, 9);
+  DeviceBuffer dk = ToDevice(backend(), k), dv = ToDevice(backend(), v);
+  ASSERT_FALSE(HasFailure());
+  const uint32_t id = 3;
+  std::vector<uint32_t> want, got(rows, 0);
+  HostUpdate(*ref_, h.s, 1.0f, k, v, {id}, &want);
+  ASSERT_EQ(want, std::vector<uint32_t>(rows, width - 1)) << "reference";
+  kernels::SketchUpdateParams p;
+  p.sketch = ds.s;
+  p.n = 1;
+  p.ids = &id;
+  p.keys = dk.get();
+  p.values = dv.get();
+  p.stride = d;
+  p.buckets = got.data();
+  dev().SketchUpdate({&p, 1});
+  EXPECT_EQ(got, want);
+  // Inserting is exact here (one term per float): the arrays are bit-equal.
+  const std::vector<float> arrays = ds.Download();
+  CompareFloats(arrays.data(), h.mem.data(), static_cast<int64_t>(h.mem.size()), true, [](int64_t) { return 0.0; },
+                "lone token sketch");
 }
 
 // ---------------------------------------------------------------------------
@@ -998,20 +1114,8 @@ TEST_P(KernelConformance, SketchScoresMatchReference) {
         dev().SketchScores(p);
         const std::string name = std::string(SketchKindName(c.kind)) + "x" + std::to_string(c.rows) + " " +
                                  std::string(VaguePolicyName(policy)) + " group " + std::to_string(group);
-        // score = scale * max_g q_g . k_hat: a fp32 dot product of q with the
-        // reconstruction's terms, in another order: error below 1e-5 of
-        // scale * max_g sum_j |q_gj| * (sum of |terms| of k_hat_j).
-        std::vector<double> tol(n);
-        for (int i = 0; i < n; ++i) {
-          const std::vector<double> m = EstimateMagnitude(f.host->s, policy, ids[i], f.buckets.data(), i, false);
-          double best = 0;
-          for (int g = 0; g < group; ++g) {
-            double s = 0;
-            for (int j = 0; j < c.d; ++j) s += std::abs(qf[g * c.d + j]) * m[j];
-            best = std::max(best, s);
-          }
-          tol[i] = 1e-5 * p.scale * best + 1e-7;
-        }
+        const std::vector<double> tol =
+            ScoreTolerances(f.host->s, policy, ids, f.buckets.data(), qf, group, p.scale);
         double spread = 0;
         for (int i = 1; i < n; ++i) spread = std::max(spread, std::abs(double(want[i]) - want[0]));
         EXPECT_GT(spread, 1e-3) << name << ": scores should differ between tokens";
@@ -1336,6 +1440,124 @@ TEST_P(KernelConformance, RuntimeAttendMatchesCpuBackend) {
                     std::string(SketchKindName(var.kind)) + " attend " + std::to_string(i));
     }
   }
+}
+
+// ---------------------------------------------------------------------------
+// The tolerances admit what they are meant to: the reference computed in
+// another, mathematically equal order (resident ranges reversed, head_dim
+// coordinates permuted, tokens inserted in reverse) stays within them, while
+// changing results. Runs on the CPU only; a failure here means a tolerance
+// above is too tight for a legitimate reordering, not a backend bug.
+
+TEST(KernelConformanceTolerance, AttendAdmitsReorderedReference) {
+  absl::StatusOr<std::unique_ptr<Backend>> cpu = CreateBackend(BackendKind::kCpu);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  std::unique_ptr<kernels::KernelSet> ref = kernels::MakeCpuKernelSet();
+  const std::vector<AttendCase> cases = AttendCases();
+  int changed = 0;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    std::unique_ptr<AttendItemData> it = MakeAttendItem(cases[i], 100 + 10 * i, *ref, **cpu);
+    ASSERT_FALSE(HasFailure());
+    const AttendCase& c = it->c;
+    const size_t es = DTypeSize(c.dtype), out_es = DTypeSize(it->host.out_dtype);
+    const std::vector<int> perm = Shuffled(c.d, static_cast<uint32_t>(i) + 1);
+    const std::vector<uint8_t> q = PermuteCoords(it->q, c.d, es, perm), k = PermuteCoords(it->k, c.d, es, perm),
+                               v = PermuteCoords(it->v, c.d, es, perm);
+    const std::vector<kernels::SlotRange> ranges(it->ranges.rbegin(), it->ranges.rend());
+    std::vector<float> mem;
+    kernels::AttendParams p = it->host;
+    if (it->sketch) {
+      mem = PermuteSketch(it->sketch->mem, it->sketch->s, perm);
+      const SketchState& hs = it->sketch->s;
+      p.sketch = BindSketch(hs.kind, hs.rows, hs.width, hs.head_dim, hs.seed, mem.data(), hs.planes);
+    }
+    std::vector<uint8_t> out(it->ref_out.size(), 0xCD);
+    std::vector<float> probs(kCapacity, kProbSentinel);
+    p.q = q.data();
+    p.k_slots = k.data();
+    p.v_slots = v.data();
+    p.ranges = ranges.data();
+    p.out = out.data();
+    p.slot_probs = c.probs ? probs.data() : nullptr;
+    ref->Attend({&p, 1});
+    const std::vector<uint8_t> back = PermuteCoords(out, c.d, out_es, perm, /*inverse=*/true);
+    changed += back != it->ref_out || probs != it->ref_probs;
+    CompareAttendOutputs(*it, back, probs, /*bit_exact=*/false, "reordered " + AttendCaseName(c));
+  }
+  EXPECT_GE(changed, static_cast<int>(cases.size()) / 2) << "reordering should change most results";
+}
+
+TEST(KernelConformanceTolerance, SketchUpdateAdmitsReorderedInsertion) {
+  std::unique_ptr<kernels::KernelSet> ref = kernels::MakeCpuKernelSet();
+  int changed = 0;
+  for (SketchCfg c : {SketchCfg{SketchKind::kCountSketch, 1, 64, 64}, SketchCfg{SketchKind::kCountSketch, 3, 32, 128},
+                      SketchCfg{SketchKind::kCentroid, 1, 16, 64}, SketchCfg{SketchKind::kCentroid, 2, 32, 128}}) {
+    const int n = 65, d = c.d;
+    HostSketch fwd(c.kind, c.rows, c.width, d, 91), rev(c.kind, c.rows, c.width, d, 91);
+    const std::vector<float> k = RandomNormal(int64_t{n} * d, 31, 1.0f, 0.3f), v = RandomNormal(int64_t{n} * d, 32);
+    std::vector<uint32_t> ids(n), fb, rb;
+    std::iota(ids.begin(), ids.end(), 7u);
+    HostUpdate(*ref, fwd.s, 1.0f, k, v, ids, &fb);
+    std::vector<float> kr, vr;
+    std::vector<uint32_t> idr(ids.rbegin(), ids.rend());
+    for (int i = n - 1; i >= 0; --i) {
+      kr.insert(kr.end(), k.begin() + int64_t{i} * d, k.begin() + int64_t{i + 1} * d);
+      vr.insert(vr.end(), v.begin() + int64_t{i} * d, v.begin() + int64_t{i + 1} * d);
+    }
+    HostUpdate(*ref, rev.s, 1.0f, kr, vr, idr, &rb);
+    for (int i = 0; i < n && c.kind == SketchKind::kCentroid; ++i) {
+      for (int r = 0; r < c.rows; ++r) ASSERT_EQ(rb[int64_t{n - 1 - i} * c.rows + r], fb[int64_t{i} * c.rows + r]);
+    }
+    std::vector<double> mag(fwd.mem.size(), 0.0);
+    AddMagnitude(
+        fwd.s, mag, n, ids.data(), fb.data(), [&](int64_t j) { return k.data() + j * d; },
+        [&](int64_t j) { return v.data() + j * d; });
+    changed += rev.mem != fwd.mem;
+    CompareSketchArrays(rev.mem, fwd.mem, mag, fwd.s, /*bit_exact=*/false,
+                        "reversed " + std::string(SketchKindName(c.kind)) + "x" + std::to_string(c.rows));
+  }
+  EXPECT_GE(changed, 3);
+}
+
+TEST(KernelConformanceTolerance, ScoresAdmitPermutedCoordinates) {
+  absl::StatusOr<std::unique_ptr<Backend>> cpu = CreateBackend(BackendKind::kCpu);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  std::unique_ptr<kernels::KernelSet> ref = kernels::MakeCpuKernelSet();
+  int changed = 0, idx = 0;
+  for (const SketchCfg& c : SketchCfgs()) {
+    FilledSketch f = Fill(*ref, **cpu, c.kind, c.rows, c.width, c.d, 400 + idx++);
+    const std::vector<int> perm = Shuffled(c.d, 17);
+    std::vector<float> mem = PermuteSketch(f.host->mem, f.host->s, perm);
+    const SketchState& hs = f.host->s;
+    const SketchState ps = BindSketch(hs.kind, hs.rows, hs.width, hs.head_dim, hs.seed, mem.data(), hs.planes);
+    const int group = 4;
+    const std::vector<float> qf = RandomNormal(int64_t{group} * c.d, 900 + idx, 0.5f);
+    const std::vector<float> qp = PermuteCoords(qf, c.d, 4, perm);
+    for (VaguePolicy policy : {VaguePolicy::kEstimate, VaguePolicy::kShrink}) {
+      const int n = static_cast<int>(f.ids.size());
+      std::vector<float> want(n), got(n);
+      kernels::SketchScoreParams p;
+      p.policy = policy;
+      p.group = group;
+      p.scale = 1.0f / std::sqrt(float(c.d));
+      p.n = n;
+      p.ids = f.ids.data();
+      p.buckets = f.buckets.empty() ? nullptr : f.buckets.data();
+      p.sketch = hs;
+      p.q = qf.data();
+      p.scores = want.data();
+      ref->SketchScores(p);
+      p.sketch = ps;
+      p.q = qp.data();
+      p.scores = got.data();
+      ref->SketchScores(p);
+      changed += got != want;
+      const std::vector<double> tol = ScoreTolerances(hs, policy, f.ids, f.buckets.data(), qf, group, p.scale);
+      CompareFloats(got.data(), want.data(), n, /*bit_exact=*/false, [&](int64_t i) { return tol[i]; },
+                    "permuted " + std::string(SketchKindName(c.kind)) + "x" + std::to_string(c.rows));
+    }
+  }
+  EXPECT_GE(changed, 4);
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, KernelConformance, ::testing::Values(BackendKind::kCpu, BackendKind::kCuda),
