@@ -1342,9 +1342,12 @@ struct RuntimeRun {
   double vmax = 0;
 };
 
-// Prefill then decode on one sequence; k, v, q, out move through `mem`
-// (device memory of the runtime's backend kind).
+// Prefill then decode on one sequence; k, v, q and out are device memory of
+// `mem` (a backend of the runtime's kind). Every call gets buffers of its own,
+// kept until the runtime is gone, and outputs are read after that: the test
+// assumes nothing about when the runtime's device work on them completes.
 void DriveRuntime(const Options& o, Backend& mem, RuntimeRun* run) {
+  std::vector<DeviceBuffer> inputs, outs;  // outlive the runtime
   absl::StatusOr<std::unique_ptr<Runtime>> rt = Runtime::Create(o);
   ASSERT_TRUE(rt.ok()) << rt.status();
   KVTIER_ASSERT_OK((*rt)->AddSequence(1));
@@ -1355,18 +1358,17 @@ void DriveRuntime(const Options& o, Backend& mem, RuntimeRun* run) {
   wo.topic_tokens = 64;
   const workload::SyntheticKv kv(sh, wo);
   const int prefill = 300, steps = 12, chunk = 100;
-  DeviceBuffer dk(mem, int64_t{chunk} * H * d * DTypeSize(sh.dtype)), dv(mem, dk.bytes());
-  DeviceBuffer dq(mem, int64_t{sh.q_heads} * d * DTypeSize(sh.dtype)), dout(mem, int64_t{sh.q_heads} * d * 4);
-  ASSERT_FALSE(::testing::Test::HasFailure());
+  auto upload = [&](const std::vector<float>& x) {
+    inputs.push_back(ToDevice(mem, Encode(x, sh.dtype)));
+    return inputs.back().get();
+  };
   auto append = [&](int layer, int64_t first, int n) {
     std::vector<float> k(int64_t{n} * H * d), v(k.size());
     kv.KeysValues(layer, first, n, k.data(), v.data());
-    const std::vector<float> vr = RoundTo(v, sh.dtype);
-    run->vmax = std::max(run->vmax, MaxAbs(vr));
-    const std::vector<uint8_t> ke = Encode(k, sh.dtype), ve = Encode(v, sh.dtype);
-    dk.Upload(ke.data(), static_cast<int64_t>(ke.size()));
-    dv.Upload(ve.data(), static_cast<int64_t>(ve.size()));
-    return (*rt)->Append(1, layer, dk.get(), dv.get(), n);
+    run->vmax = std::max(run->vmax, MaxAbs(RoundTo(v, sh.dtype)));
+    const void* dk = upload(k);
+    const void* dv = upload(v);
+    return (*rt)->Append(1, layer, dk, dv, n);
   };
   for (int layer = 0; layer < sh.layers; ++layer) {
     for (int first = 0; first < prefill; first += chunk) KVTIER_ASSERT_OK(append(layer, first, chunk));
@@ -1379,15 +1381,16 @@ void DriveRuntime(const Options& o, Backend& mem, RuntimeRun* run) {
       KVTIER_ASSERT_OK(append(layer, pos, 1));
       std::vector<float> q(int64_t{sh.q_heads} * d);
       kv.Query(layer, pos, q.data());
-      const std::vector<uint8_t> qe = Encode(q, sh.dtype);
-      dq.Upload(qe.data(), static_cast<int64_t>(qe.size()));
-      absl::StatusOr<AttendCounts> c = (*rt)->Attend(1, layer, dq.get(), dout.get(), f32);
+      const void* dq = upload(q);
+      outs.emplace_back(mem, int64_t{sh.q_heads} * d * 4);
+      absl::StatusOr<AttendCounts> c = (*rt)->Attend(1, layer, dq, outs.back().get(), f32);
       ASSERT_TRUE(c.ok()) << c.status();
       run->counts.push_back(*c);
-      run->outs.push_back(dout.DownloadAs<float>());
     }
   }
   KVTIER_EXPECT_OK((*rt)->CheckInvariants());
+  rt->reset();
+  for (const DeviceBuffer& out : outs) run->outs.push_back(out.DownloadAs<float>());
 }
 
 TEST_P(KernelConformance, RuntimeAttendMatchesCpuBackend) {
