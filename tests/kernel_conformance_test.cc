@@ -27,6 +27,7 @@
 #include "kvtier/kernels/convert.h"
 #include "kvtier/kernels/hash.h"
 #include "kvtier/kernels/kernel_set.h"
+#include "cuda_emu/emulated_kernel_set.h"
 #include "test_util.h"
 #include "workload/synthetic_kv.h"
 
@@ -395,11 +396,34 @@ std::vector<int> Shuffled(int d, uint32_t seed) {
 // ---------------------------------------------------------------------------
 // The fixture: one backend kind per instantiation.
 
-class KernelConformance : public ::testing::TestWithParam<BackendKind> {
+// The backends under test: the CPU (the reference code: bit-exact), CUDA
+// (skipped without a device) and the CUDA kernels on the CPU emulation of
+// CUDA (tests/cuda_emu), which runs everywhere.
+enum class Under { kCpu, kCuda, kCudaEmulated };
+
+std::string UnderName(Under u) {
+  switch (u) {
+    case Under::kCpu: return "cpu";
+    case Under::kCuda: return "cuda";
+    case Under::kCudaEmulated: return "cuda_emulated";
+  }
+  return "?";
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackendUnderTest(Under u) {
+  switch (u) {
+    case Under::kCpu: return CreateBackend(BackendKind::kCpu);
+    case Under::kCuda: return CreateBackend(BackendKind::kCuda);
+    case Under::kCudaEmulated: return MakeEmulatedCudaBackend();
+  }
+  return absl::InvalidArgumentError("unknown backend under test");
+}
+
+class KernelConformance : public ::testing::TestWithParam<Under> {
  protected:
   void SetUp() override {
-    absl::StatusOr<std::unique_ptr<Backend>> b = CreateBackend(GetParam());
-    if (!b.ok()) GTEST_SKIP() << "no " << BackendKindName(GetParam()) << " backend: " << b.status();
+    absl::StatusOr<std::unique_ptr<Backend>> b = MakeBackendUnderTest(GetParam());
+    if (!b.ok()) GTEST_SKIP() << "no " << UnderName(GetParam()) << " backend: " << b.status();
     backend_ = std::move(*b);
     // The CPU backend runs the reference code: nothing may differ.
     bit_exact_ = backend_->kernels().name() == "cpu";
@@ -1371,9 +1395,11 @@ struct RuntimeRun {
 // `mem` (a backend of the runtime's kind). Every call gets buffers of its own,
 // kept until the runtime is gone, and outputs are read after that: the test
 // assumes nothing about when the runtime's device work on them completes.
-void DriveRuntime(const Options& o, Backend& mem, RuntimeRun* run) {
+void DriveRuntime(const Options& o, Under under, Backend& mem, RuntimeRun* run) {
   std::vector<DeviceBuffer> inputs, outs;  // outlive the runtime
-  absl::StatusOr<std::unique_ptr<Runtime>> rt = Runtime::Create(o);
+  absl::StatusOr<std::unique_ptr<Backend>> made = MakeBackendUnderTest(under);
+  ASSERT_TRUE(made.ok()) << made.status();
+  absl::StatusOr<std::unique_ptr<Runtime>> rt = Runtime::Create(o, std::move(*made));
   ASSERT_TRUE(rt.ok()) << rt.status();
   KVTIER_ASSERT_OK((*rt)->AddSequence(1));
   const ModelShape& sh = o.shape;
@@ -1448,11 +1474,10 @@ TEST_P(KernelConformance, RuntimeAttendMatchesCpuBackend) {
     {
       absl::StatusOr<std::unique_ptr<Backend>> cpu = CreateBackend(BackendKind::kCpu);
       ASSERT_TRUE(cpu.ok()) << cpu.status();
-      DriveRuntime(o, **cpu, &want);
+      DriveRuntime(o, Under::kCpu, **cpu, &want);
     }
     ASSERT_FALSE(HasFatalFailure());
-    o.backend = GetParam();
-    DriveRuntime(o, backend(), &got);
+    DriveRuntime(o, GetParam(), backend(), &got);
     ASSERT_FALSE(HasFatalFailure());
     ASSERT_EQ(got.outs.size(), want.outs.size());
     ASSERT_GT(want.counts.back().from_sketch, 0) << "the workload must reach the sketch";
@@ -1588,9 +1613,10 @@ TEST(KernelConformanceTolerance, ScoresAdmitPermutedCoordinates) {
   EXPECT_GE(changed, 4);
 }
 
-INSTANTIATE_TEST_SUITE_P(Backends, KernelConformance, ::testing::Values(BackendKind::kCpu, BackendKind::kCuda),
-                         [](const ::testing::TestParamInfo<BackendKind>& info) {
-                           return std::string(BackendKindName(info.param));
+INSTANTIATE_TEST_SUITE_P(Backends, KernelConformance,
+                         ::testing::Values(Under::kCpu, Under::kCuda, Under::kCudaEmulated),
+                         [](const ::testing::TestParamInfo<Under>& info) {
+                           return UnderName(info.param);
                          });
 
 }  // namespace

@@ -56,17 +56,26 @@ __device__ __forceinline__ void StoreAny(void* base, DType t, int64_t i, float x
   }
 }
 
-// The sum over the warp, in every lane.
+// The sum over the warp, in every lane. (The CPU emulation exchanges once
+// instead of five times; its sum runs in lane order.)
 __device__ __forceinline__ float WarpSum(float x) {
+#if defined(KVTIER_CUDA_EMULATION)
+  return ::kvtier::emu::WarpAllReduce(x, [](float a, float b) { return a + b; });
+#else
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
+#endif
 }
 
 __device__ __forceinline__ float WarpMax(float x) {
+#if defined(KVTIER_CUDA_EMULATION)
+  return ::kvtier::emu::WarpAllReduce(x, [](float a, float b) { return fmaxf(a, b); });
+#else
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
+#endif
 }
 
 // The slot of the idx-th resident token of a range list.
