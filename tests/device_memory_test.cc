@@ -15,6 +15,7 @@
 #include "kvtier/backend.h"
 #include "kvtier/kernels/kernel_set.h"
 #include "oneapi/tbb/global_control.h"
+#include "cuda_emu/emulated_kernel_set.h"
 #include "test_util.h"
 
 namespace kvtier {
@@ -234,6 +235,36 @@ TEST(DeviceMemory, RuntimeReachesDeviceMemoryOnlyThroughTheBackend) {
   EXPECT_GT(g.stats.recall.exact_hits, 0) << "recalls must have been gathered into device slots";
   EXPECT_EQ(g.stats.recall.exact_hits, cpu.stats.recall.exact_hits);
   EXPECT_EQ(g.stats.recall.requested, cpu.stats.recall.requested);
+}
+
+// The same session on the CUDA kernel set (on the CPU emulation of CUDA,
+// tests/cuda_emu), heavy-hitter choice and recall included: the outputs match
+// the CPU backend's up to the kernels' rounding.
+TEST(DeviceMemory, SessionOnTheEmulatedCudaKernelsMatchesTheCpu) {
+  SessionResult cpu = RunSession(*CreateBackend(BackendKind::kCpu));
+  SessionResult emu = RunSession(MakeEmulatedCudaBackend());
+  ASSERT_EQ(emu.outputs.size(), cpu.outputs.size());
+  ASSERT_EQ(emu.counts.size(), cpu.counts.size());
+  // Per element: the kernel conformance bound, 2e-5 of the value scale
+  // (values are N(0, 1): |v| < 5 here, so 1e-4), plus one fp16 unit of the
+  // output (2^-10 relative) for two roundings that land a unit apart. The
+  // sketch state and the heavy-hitter scores accumulate in another order, so
+  // near-ties could pick other tokens; the counts below show they did not.
+  int differ = 0;
+  for (size_t i = 0; i < emu.outputs.size(); ++i) {
+    for (size_t j = 0; j < emu.outputs[i].size(); ++j) {
+      const double a = kernels::HalfToFloat(emu.outputs[i][j]), b = kernels::HalfToFloat(cpu.outputs[i][j]);
+      EXPECT_LE(std::abs(a - b), 1e-4 + 0x1p-10 * std::abs(b)) << "attend " << i << " element " << j;
+      differ += emu.outputs[i][j] != cpu.outputs[i][j];
+    }
+  }
+  EXPECT_LT(differ, static_cast<int>(emu.outputs.size() * emu.outputs[0].size() / 20));
+  for (size_t i = 0; i < emu.counts.size(); ++i) {
+    EXPECT_EQ(emu.counts[i].exact, cpu.counts[i].exact) << i;
+    EXPECT_EQ(emu.counts[i].from_sketch, cpu.counts[i].from_sketch) << i;
+  }
+  EXPECT_EQ(emu.token_reads, cpu.token_reads);
+  EXPECT_EQ(emu.stats.recall.exact_hits, cpu.stats.recall.exact_hits);
 }
 
 // The guard itself: device memory is readable through Copy and faults when
