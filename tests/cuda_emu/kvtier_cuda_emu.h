@@ -1,9 +1,9 @@
 // A CPU emulation of the CUDA features kernels/cuda uses, so its kernels and
-// driver build as plain C++ and run in the CPU test suite: every thread of a
-// block is a std::thread (blocks run one after another), __syncthreads and
-// the warp shuffles are barriers, __shared__ variables are statics (one block
-// at a time), atomics are std::atomic_ref, and the runtime API allocates and
-// copies host memory synchronously. It checks the kernels' indexing,
+// driver build as plain C++ and run in the CPU test suite: the threads of a
+// block are fibers on the launching thread (blocks run one after another),
+// __syncthreads and the warp shuffles are barriers between them, __shared__
+// variables are statics (one block at a time), atomics are std::atomic_ref,
+// and the runtime API allocates and copies host memory synchronously. It checks the kernels' indexing,
 // synchronisation and arithmetic against the CPU reference; it says nothing
 // about speed, the GPU memory model or the real runtime API. Test-only.
 #ifndef KVTIER_TESTS_CUDA_EMU_KVTIER_CUDA_EMU_H_
@@ -13,16 +13,20 @@
 #include <atomic>
 #include <bit>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <mutex>
-#include <thread>
 #include <ucontext.h>
-#include <cstdio>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+#endif
 #include <vector>
 
 #define KVTIER_CUDA_EMULATION 1
@@ -57,52 +61,7 @@ inline int __ffs(int x) { return __builtin_ffs(x); }
 
 namespace kvtier::emu {
 
-// A reusable barrier whose party can shrink (a thread that returns from the
-// kernel no longer holds the others back, as on the GPU).
-class Barrier {
- public:
-  void Reset(int parties) {
-    expected_ = parties;
-    arrived_ = 0;
-  }
-  void Wait() {
-    std::unique_lock<std::mutex> lock(mu_);
-    const uint64_t gen = gen_;
-    if (++arrived_ == expected_) {
-      Release();
-    } else {
-      cv_.wait(lock, [&] { return gen_ != gen; });
-    }
-  }
-  void Drop() {
-    std::lock_guard<std::mutex> lock(mu_);
-    --expected_;
-    if (arrived_ > 0 && arrived_ == expected_) Release();
-  }
-
- private:
-  void Release() {
-    arrived_ = 0;
-    ++gen_;
-    cv_.notify_all();
-  }
-  std::mutex mu_;
-  std::condition_variable cv_;
-  int expected_ = 0, arrived_ = 0;
-  uint64_t gen_ = 0;
-};
-
-// Under a sanitizer the CUDA threads are OS threads (the sanitizers follow
-// them); otherwise they are fibers on the calling thread (ucontext), where a
-// barrier is a switch to the scheduler instead of a futex storm: about 20x
-// faster for these kernels.
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define KVTIER_EMU_OS_THREADS 1
-#endif
-
 struct Block {
-  Barrier block;
-  Barrier warps[32];
   uint64_t lanes[1024];
   std::vector<char> shared;
 };
@@ -119,145 +78,85 @@ inline void SetThread(int t, dim3 block, dim3 grid) {
   gridDim = grid;
 }
 
-#if defined(KVTIER_EMU_OS_THREADS)
-// Threads kept for the whole process: a launch hands each of its first n
-// threads the same job.
-class Pool {
- public:
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-    }
-    start_.notify_all();
-    for (std::thread& t : threads_) t.join();
-  }
-  template <typename Job>
-  void Run(int n, const Job& job) {
-    std::unique_lock<std::mutex> lock(mu_);
-    while (static_cast<int>(threads_.size()) < n) {
-      const int i = static_cast<int>(threads_.size());
-      threads_.emplace_back([this, i] { Work(i); });
-    }
-    job_ = [&job](int t) { job(t); };
-    active_ = n;
-    remaining_ = n;
-    ++gen_;
-    start_.notify_all();
-    done_.wait(lock, [&] { return remaining_ == 0; });
-    job_ = nullptr;
-  }
-
- private:
-  void Work(int i) {
-    uint64_t seen = 0;
-    std::unique_lock<std::mutex> lock(mu_);
-    while (true) {
-      start_.wait(lock, [&] { return stop_ || gen_ != seen; });
-      if (stop_) return;
-      seen = gen_;
-      if (i >= active_) continue;
-      lock.unlock();
-      job_(i);
-      lock.lock();
-      if (--remaining_ == 0) done_.notify_all();
-    }
-  }
-  std::mutex mu_;
-  std::condition_variable start_, done_;
-  std::vector<std::thread> threads_;
-  std::function<void(int)> job_;
-  int active_ = 0, remaining_ = 0;
-  uint64_t gen_ = 0;
-  bool stop_ = false;
-};
-
-inline Pool& ThreadPool() {
-  static Pool pool;
-  return pool;
-}
-
-inline void BlockSync() { tls_block->block.Wait(); }
-inline void WarpSync() { tls_block->warps[tls_tid / 32].Wait(); }
-
-// Runs body() on every thread of every block of the grid, one block at a time.
-template <typename Body>
-void Run(dim3 grid, dim3 block, size_t shared_bytes, const Body& body) {
-  const int n = static_cast<int>(block.x * block.y * block.z);
-  if (n <= 0 || n > 1024) std::abort();
-  Block b;
-  b.shared.assign(shared_bytes + 16, 0);
-  Barrier end;  // between blocks, never dropped
-  end.Reset(n);
-  auto reset = [&] {
-    b.block.Reset(n);
-    for (int w = 0; w < 32; ++w) b.warps[w].Reset(std::clamp(n - 32 * w, 0, 32));
-  };
-  reset();
-  ThreadPool().Run(n, [&](int t) {
-    tls_block = &b;
-    SetThread(t, block, grid);
-    for (unsigned bz = 0; bz < grid.z; ++bz) {
-      for (unsigned by = 0; by < grid.y; ++by) {
-        for (unsigned bx = 0; bx < grid.x; ++bx) {
-          blockIdx = dim3(bx, by, bz);
-          body();
-          b.block.Drop();  // a returned thread holds no one back
-          b.warps[t / 32].Drop();
-          end.Wait();
-          if (t == 0) reset();
-          end.Wait();
-        }
-      }
-    }
-    tls_block = nullptr;
-  });
-}
-#else
-// Cooperative fibers: each runs until a barrier or its end; a barrier opens
-// when every live thread of its scope (block or warp) waits at it. Threads
-// waiting at different barriers with none runnable is a deadlock on a GPU
-// too: it aborts with a message.
+// The threads of a block are fibers (ucontext) on the launching thread: each
+// runs until a barrier or its end, and a barrier opens when every live
+// thread of its scope (block or warp) waits at it. Threads waiting at
+// different barriers with none runnable would hang a GPU too: it aborts with
+// a message. Under ASan and TSan the switches are announced to the sanitizer.
 struct Fiber {
   ucontext_t ctx;
   enum State { kReady, kAtBlock, kAtWarp, kDone } state = kReady;
+  void* asan_fake_stack = nullptr;
+  void* tsan_fiber = nullptr;
 };
+
+inline constexpr size_t kFiberStackBytes = 256 << 10;
 
 // Fiber stacks, kept for the process (allocating them per launch dominated).
 inline char* FiberStack(int t) {
-  constexpr size_t kBytes = 64 << 10;
   static thread_local std::vector<std::unique_ptr<char[]>> stacks;
-  while (static_cast<int>(stacks.size()) <= t) stacks.emplace_back(new char[kBytes]);
+  while (static_cast<int>(stacks.size()) <= t) stacks.emplace_back(new char[kFiberStackBytes]);
   return stacks[t].get();
 }
-inline constexpr size_t kFiberStackBytes = 64 << 10;
 
 struct FiberBlock {
   ucontext_t main;
   std::vector<Fiber> fibers;
   int current = 0;
   const std::function<void()>* body = nullptr;
+  // The scheduler's stack and sanitizer state.
+  const void* main_bottom = nullptr;
+  size_t main_size = 0;
+  void* main_asan_fake_stack = nullptr;
+  void* main_tsan_fiber = nullptr;
 };
 
 inline thread_local FiberBlock* tls_fibers = nullptr;
+
+// Switches from the running context to `to` (a fiber's stack at `bottom`, or
+// the scheduler's when bottom is null); `save` keeps this side's ASan fake
+// stack (null: this side ends for good).
+inline void SwitchTo(ucontext_t* from, ucontext_t* to, void** save, const void* bottom, size_t size,
+                     void* tsan_target) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_start_switch_fiber(save, bottom, size);
+#else
+  (void)save, (void)bottom, (void)size;
+#endif
+#if defined(__SANITIZE_THREAD__)
+  __tsan_switch_to_fiber(tsan_target, 0);
+#else
+  (void)tsan_target;
+#endif
+  swapcontext(from, to);
+#if defined(__SANITIZE_ADDRESS__)
+  if (save != nullptr) __sanitizer_finish_switch_fiber(*save, nullptr, nullptr);
+#endif
+}
 
 inline void Park(Fiber::State s) {
   FiberBlock& fb = *tls_fibers;
   Fiber& f = fb.fibers[fb.current];
   f.state = s;
-  swapcontext(&f.ctx, &fb.main);
+  SwitchTo(&f.ctx, &fb.main, &f.asan_fake_stack, fb.main_bottom, fb.main_size, fb.main_tsan_fiber);
 }
 inline void BlockSync() { Park(Fiber::kAtBlock); }
 inline void WarpSync() { Park(Fiber::kAtWarp); }
 
 inline void FiberEntry() {
   FiberBlock& fb = *tls_fibers;
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(nullptr, &fb.main_bottom, &fb.main_size);
+#endif
   (*fb.body)();
-  fb.fibers[fb.current].state = Fiber::kDone;  // uc_link returns to the scheduler
+  Fiber& f = fb.fibers[fb.current];
+  f.state = Fiber::kDone;
+  SwitchTo(&f.ctx, &fb.main, nullptr, fb.main_bottom, fb.main_size, fb.main_tsan_fiber);  // never resumed
 }
 
-// getcontext returns once here (makecontext replaces the context), so no
-// local is clobbered.
+// Runs body() on every thread of every block of the grid, one block at a time.
+// (getcontext returns once here, makecontext replaces the context: no local
+// is clobbered.)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wclobbered"
 template <typename Body>
@@ -270,6 +169,10 @@ void Run(dim3 grid, dim3 block, size_t shared_bytes, const Body& body) {
   const std::function<void()> fn = [&] { body(); };
   fb.body = &fn;
   fb.fibers.resize(n);
+#if defined(__SANITIZE_THREAD__)
+  fb.main_tsan_fiber = __tsan_get_current_fiber();
+  for (Fiber& f : fb.fibers) f.tsan_fiber = __tsan_create_fiber(0);
+#endif
   Block* const saved_block = tls_block;
   FiberBlock* const saved_fibers = tls_fibers;
   tls_block = &b;
@@ -283,7 +186,7 @@ void Run(dim3 grid, dim3 block, size_t shared_bytes, const Body& body) {
           getcontext(&f.ctx);
           f.ctx.uc_stack.ss_sp = FiberStack(t);
           f.ctx.uc_stack.ss_size = kFiberStackBytes;
-          f.ctx.uc_link = &fb.main;
+          f.ctx.uc_link = nullptr;
           makecontext(&f.ctx, FiberEntry, 0);
           f.state = Fiber::kReady;
         }
@@ -294,12 +197,13 @@ void Run(dim3 grid, dim3 block, size_t shared_bytes, const Body& body) {
             if (fb.fibers[t].state != Fiber::kReady) continue;
             fb.current = t;
             SetThread(t, block, grid);
-            swapcontext(&fb.main, &fb.fibers[t].ctx);
+            SwitchTo(&fb.main, &fb.fibers[t].ctx, &fb.main_asan_fake_stack, FiberStack(t), kFiberStackBytes,
+                     fb.fibers[t].tsan_fiber);
             ran = true;
             if (fb.fibers[t].state == Fiber::kDone) --live;
           }
           if (ran || live == 0) continue;
-          // Everyone waits: open the block barrier, else full warp barriers.
+          // Everyone waits: open the block barrier, else the full warp barriers.
           int at_block = 0;
           for (const Fiber& f : fb.fibers) at_block += f.state == Fiber::kAtBlock;
           bool opened = false;
@@ -330,11 +234,13 @@ void Run(dim3 grid, dim3 block, size_t shared_bytes, const Body& body) {
       }
     }
   }
+#if defined(__SANITIZE_THREAD__)
+  for (Fiber& f : fb.fibers) __tsan_destroy_fiber(f.tsan_fiber);
+#endif
   tls_block = saved_block;
   tls_fibers = saved_fibers;
 }
 #pragma GCC diagnostic pop
-#endif
 
 template <typename Kernel>
 auto Launch(dim3 grid, dim3 block, size_t shared_bytes, Kernel kernel) {
