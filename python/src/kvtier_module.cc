@@ -172,7 +172,7 @@ template <> struct Field<BackendKind> : EnumField<BackendKind, BackendKindName> 
   X(demote_high, "Demote host blocks to disk above this fraction of the host cap. Default 0.9.")                   \
   X(demote_low, "... down to this fraction; 0 < demote_low <= demote_high <= 1. Default 0.8.")                     \
   X(seed, "Seed of the sketch hashes and SimHash planes.")                                                         \
-  X(backend, "'auto' (default), 'cpu' or 'cuda'.")
+  X(backend, "'cpu' (default). The module passes numpy (host) arrays, so it runs on the CPU backend only.")
 
 template <class T>
 std::string ReprOf(const T& v) {
@@ -770,6 +770,12 @@ NB_MODULE(_kvtier, m) {
           [](PyRuntime* self, const Options& options) {
             absl::StatusOr<std::unique_ptr<Runtime>> rt = Unlocked([&] { return Runtime::Create(options); });
             if (!rt.ok()) Raise(rt.status());
+            if ((*rt)->backend_name() != "cpu") {  // numpy arrays are host memory
+              Raise(absl::InvalidArgumentError(
+                  absl::StrFormat("the Python module hands the runtime numpy (host) arrays; backend '%s' takes "
+                                  "device memory: use backend 'cpu'",
+                                  (*rt)->backend_name())));
+            }
             new (self) PyRuntime{std::move(*rt), options.shape};
           },
           nb::arg("options"),
