@@ -245,6 +245,7 @@ absl::Status HeadCache::WriteToStore(std::span<const Move> moves, const AppendSo
   const DType dtype = ctx_.options->shape.dtype;
   std::vector<char> k_run, v_run, bounce;
   std::vector<float> kf(plan_only_ ? 0 : d);
+  const bool host_accessible = ctx_.backend->caps().device_memory_host_accessible;
   int64_t first_group = -1, last_group = -1;
   size_t i = 0;
   while (i < moves.size()) {
@@ -260,17 +261,36 @@ absl::Status HeadCache::WriteToStore(std::span<const Move> moves, const AppendSo
       k_run.resize(bytes);
       v_run.resize(bytes);
     }
+    size_t filled = i;  // rows [i, filled) of k_run and v_run hold their bytes
     for (size_t t = i; t < j && !plan_only_; ++t) {
       const Move& m = moves[t];
-      const char* k = m.src_slot >= 0 ? KSlot(m.src_slot) : src.k + m.src_row * src.stride_bytes;
-      const char* v = m.src_slot >= 0 ? VSlot(m.src_slot) : src.v + m.src_row * src.stride_bytes;
-      const bool bounced = m.src_slot < 0 && src.host_k != nullptr;  // the caller's rows, copied once per append
-      const void* hk = bounced ? src.host_k + m.src_row * src.stride_bytes : HostView(k, rb, bounce);
-      if (hk == nullptr) return absl::InternalError("device-to-host copy of a key failed");
-      std::memcpy(k_run.data() + (t - i) * rb, hk, rb);
-      const void* hv = bounced ? src.host_v + m.src_row * src.stride_bytes : HostView(v, rb, bounce);
-      if (hv == nullptr) return absl::InternalError("device-to-host copy of a value failed");
-      std::memcpy(v_run.data() + (t - i) * rb, hv, rb);
+      if (t >= filled && m.src_slot >= 0 && !host_accessible) {
+        // Device slots the host cannot read: a run of consecutive slots
+        // (the ring's oldest tokens) comes back in one copy each for K and V.
+        size_t e = t + 1;
+        while (e < j && moves[e].src_slot == moves[e - 1].src_slot + 1) ++e;
+        const int64_t n_bytes = static_cast<int64_t>(e - t) * rb;
+        if (absl::Status st = ctx_.backend->Copy(k_run.data() + (t - i) * rb, KSlot(m.src_slot), n_bytes,
+                                                 CopyKind::kDeviceToHost);
+            !st.ok())
+          return st;
+        if (absl::Status st = ctx_.backend->Copy(v_run.data() + (t - i) * rb, VSlot(m.src_slot), n_bytes,
+                                                 CopyKind::kDeviceToHost);
+            !st.ok())
+          return st;
+        filled = e;
+      } else if (t >= filled) {
+        const char* k = m.src_slot >= 0 ? KSlot(m.src_slot) : src.k + m.src_row * src.stride_bytes;
+        const char* v = m.src_slot >= 0 ? VSlot(m.src_slot) : src.v + m.src_row * src.stride_bytes;
+        const bool bounced = m.src_slot < 0 && src.host_k != nullptr;  // the caller's rows, copied once per append
+        const void* hk = bounced ? src.host_k + m.src_row * src.stride_bytes : HostView(k, rb, bounce);
+        if (hk == nullptr) return absl::InternalError("device-to-host copy of a key failed");
+        std::memcpy(k_run.data() + (t - i) * rb, hk, rb);
+        const void* hv = bounced ? src.host_v + m.src_row * src.stride_bytes : HostView(v, rb, bounce);
+        if (hv == nullptr) return absl::InternalError("device-to-host copy of a value failed");
+        std::memcpy(v_run.data() + (t - i) * rb, hv, rb);
+        filled = t + 1;
+      }
       if (bounds_dev_ != nullptr) {  // widen the key bounds of the token's group
         const int64_t g = ordinal_[m.pos] / ctx_.plan->summary_tokens;
         if (first_group < 0) first_group = g;
