@@ -63,16 +63,13 @@ class GuardedMemory {
     } close{this};
     return f();
   }
-  int64_t opened() const { return opened_; }
 
  private:
   void Protect(int prot) {
-    if (prot != PROT_NONE) ++opened_;
     for (auto& [p, n] : regions_) mprotect(p, n, prot);
   }
   std::recursive_mutex mu_;
   int depth_ = 0;
-  int64_t opened_ = 0;
   std::vector<std::pair<void*, size_t>> regions_;
 };
 
