@@ -23,6 +23,40 @@ struct PartialShared {
   float acc[kWarps][kTile][kWarp * E];
 };
 
+// This lane's elements j = lane * E + e of the row at base + offset (0 past
+// head_dim d), as fp32.
+template <int DT, int E>
+__device__ __forceinline__ void LoadLane(const void* base, int64_t offset, int d, float (&out)[E]) {
+  const int lane = threadIdx.x % kWarp;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int j = lane * E + e;
+    out[e] = j < d ? LoadT<DT>(base, offset + j) : 0.0f;
+  }
+}
+constexpr int kF32 = static_cast<int>(DType::kF32);
+
+// The dot product of two rows spread over the warp's lanes, in every lane.
+template <int E>
+__device__ __forceinline__ float WarpDot(const float (&a)[E], const float (&b)[E]) {
+  float dot = 0.0f;
+#pragma unroll
+  for (int e = 0; e < E; ++e) dot = fmaf(a[e], b[e], dot);
+  return WarpSum(dot);
+}
+
+// A partial softmax before any token: max -inf, sums and outputs 0.
+template <int E>
+__device__ __forceinline__ void ClearPartial(float (&m)[kTile], float (&z)[kTile], float (&acc)[kTile][E]) {
+#pragma unroll
+  for (int g = 0; g < kTile; ++g) {
+    m[g] = -INFINITY;
+    z[g] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[g][e] = 0.0f;
+  }
+}
+
 // Makes m[g] the block's maximum (lanes may hold different values).
 template <int E>
 __device__ void BlockMax(float (&m)[kTile], PartialShared<E>& sh) {
@@ -82,29 +116,16 @@ __device__ void ResidentSplit(const AttendItemDev& it, int s, int g0, int gs, co
   const int64_t begin = static_cast<int64_t>(s) * kAttendChunk;
   const int64_t end = min(n, begin + kAttendChunk);
   float m[kTile], z[kTile], acc[kTile][E];
-#pragma unroll
-  for (int g = 0; g < kTile; ++g) {
-    m[g] = -INFINITY;
-    z[g] = 0.0f;
-#pragma unroll
-    for (int e = 0; e < E; ++e) acc[g][e] = 0.0f;
-  }
+  ClearPartial(m, z, acc);
   // 1. Logits: a warp per token, lanes across the head dimension.
   for (int64_t idx = begin + warp; idx < end; idx += kWarps) {
     const int64_t slot = SlotOf(p.ranges, p.num_ranges, idx);
     float k[E];
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      const int j = lane * E + e;
-      k[e] = j < d ? LoadT<DT>(p.k_slots, slot * d + j) : 0.0f;
-    }
+    LoadLane<DT>(p.k_slots, slot * d, d, k);
 #pragma unroll
     for (int g = 0; g < kTile; ++g) {
       if (g >= gs) break;
-      float dot = 0.0f;
-#pragma unroll
-      for (int e = 0; e < E; ++e) dot = fmaf(q[g][e], k[e], dot);
-      dot = WarpSum(dot);
+      const float dot = WarpDot(q[g], k);
       m[g] = fmaxf(m[g], dot);
       if (lane == 0) lg[static_cast<int64_t>(g0 + g) * n + idx] = dot;
     }
@@ -114,11 +135,7 @@ __device__ void ResidentSplit(const AttendItemDev& it, int s, int g0, int gs, co
   for (int64_t idx = begin + warp; idx < end; idx += kWarps) {
     const int64_t slot = SlotOf(p.ranges, p.num_ranges, idx);
     float v[E];
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      const int j = lane * E + e;
-      v[e] = j < d ? LoadT<DT>(p.v_slots, slot * d + j) : 0.0f;
-    }
+    LoadLane<DT>(p.v_slots, slot * d, d, v);
 #pragma unroll
     for (int g = 0; g < kTile; ++g) {
       if (g >= gs) break;
@@ -141,13 +158,7 @@ __device__ void SketchSplit(const AttendItemDev& it, int g0, int gs, const float
   const int d = p.head_dim;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   float m[kTile], z[kTile], acc[kTile][E];
-#pragma unroll
-  for (int g = 0; g < kTile; ++g) {
-    m[g] = -INFINITY;
-    z[g] = 0.0f;
-#pragma unroll
-    for (int e = 0; e < E; ++e) acc[g][e] = 0.0f;
-  }
+  ClearPartial(m, z, acc);
   bool use = p.policy != VaguePolicy::kDrop && s.kind != SketchKind::kNone;
   const float n = use ? s.totals[2 * d] : 0.0f;
   use = use && n > 0.5f;
@@ -164,20 +175,13 @@ __device__ void SketchSplit(const AttendItemDev& it, int g0, int gs, const float
         if (cnt < 0.5f) continue;
         const float inv = 1.0f / cnt;
         const float bias = logf(cnt * inv_rows);
-        float k[E], v[E];
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-          const int j = lane * E + e;
-          k[e] = j < d ? s.key_sums[b * d + j] : 0.0f;
-          v[e] = j < d && pass == 1 ? s.value_sums[b * d + j] : 0.0f;
-        }
+        float k[E], v[E] = {};
+        LoadLane<kF32>(s.key_sums, b * d, d, k);
+        if (pass == 1) LoadLane<kF32>(s.value_sums, b * d, d, v);
 #pragma unroll
         for (int g = 0; g < kTile; ++g) {
           if (g >= gs) break;
-          float dot = 0.0f;
-#pragma unroll
-          for (int e = 0; e < E; ++e) dot = fmaf(q[g][e], k[e], dot);
-          const float l = WarpSum(dot) * inv + bias;
+          const float l = WarpDot(q[g], k) * inv + bias;
           if (pass == 0) {
             m[g] = fmaxf(m[g], l);
           } else {
@@ -212,10 +216,7 @@ __device__ void SketchSplit(const AttendItemDev& it, int g0, int gs, const float
   const float c = alpha / s.rows;
 #pragma unroll
   for (int g = 0; g < kTile; ++g) {
-    float dot = 0.0f;
-#pragma unroll
-    for (int e = 0; e < E; ++e) dot = fmaf(q[g][e], mu_k[e], dot);
-    qmu[g] = WarpSum(dot);
+    qmu[g] = WarpDot(q[g], mu_k);
     sig[g] = 0.0f;
   }
   if (s.rows == 1) {
@@ -224,20 +225,13 @@ __device__ void SketchSplit(const AttendItemDev& it, int g0, int gs, const float
         const float cp = s.counts[2 * b], cn = s.counts[2 * b + 1];
         if (cp <= 0.5f && cn <= 0.5f) continue;
         const float sigma = cp - cn;
-        float k[E], v[E];
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-          const int j = lane * E + e;
-          k[e] = j < d ? s.key_sums[b * d + j] : 0.0f;
-          v[e] = j < d && pass == 1 ? s.value_sums[b * d + j] : 0.0f;
-        }
+        float k[E], v[E] = {};
+        LoadLane<kF32>(s.key_sums, b * d, d, k);
+        if (pass == 1) LoadLane<kF32>(s.value_sums, b * d, d, v);
 #pragma unroll
         for (int g = 0; g < kTile; ++g) {
           if (g >= gs) break;
-          float dot = 0.0f;
-#pragma unroll
-          for (int e = 0; e < E; ++e) dot = fmaf(q[g][e], k[e], dot);
-          const float pr = alpha * (WarpSum(dot) - sigma * qmu[g]);
+          const float pr = alpha * (WarpDot(q[g], k) - sigma * qmu[g]);
           const float lp = qmu[g] + pr, ln = qmu[g] - pr;
           if (pass == 0) {
             if (cp > 0.5f) m[g] = fmaxf(m[g], lp);
@@ -262,18 +256,11 @@ __device__ void SketchSplit(const AttendItemDev& it, int g0, int gs, const float
     for (int64_t b = warp; b < B; b += kWarps) {
       const float sigma = s.counts[2 * b] - s.counts[2 * b + 1];
       float k[E];
-#pragma unroll
-      for (int e = 0; e < E; ++e) {
-        const int j = lane * E + e;
-        k[e] = j < d ? s.key_sums[b * d + j] : 0.0f;
-      }
+      LoadLane<kF32>(s.key_sums, b * d, d, k);
 #pragma unroll
       for (int g = 0; g < kTile; ++g) {
         if (g >= gs) break;
-        float dot = 0.0f;
-#pragma unroll
-        for (int e = 0; e < E; ++e) dot = fmaf(q[g][e], k[e], dot);
-        const float pr = WarpSum(dot) - sigma * qmu[g];
+        const float pr = WarpDot(q[g], k) - sigma * qmu[g];
         if (lane == 0) proj[g * B + b] = pr;
       }
     }
