@@ -36,6 +36,7 @@ namespace {
 
 using kernels::FloatBits;
 using kernels::SketchState;
+using testing::UpdateSketchF32;
 using testing::RandomNormal;
 
 // ---------------------------------------------------------------------------
@@ -224,26 +225,6 @@ struct DeviceSketch {
   DeviceBuffer mem, planes;
   SketchState s;
 };
-
-// Inserts (sign +1) or removes (sign -1) fp32 tokens into a host sketch with
-// the reference kernels; centroid buckets are written to / read from `buckets`.
-void HostUpdate(kernels::KernelSet& ks, const SketchState& s, float sign, const std::vector<float>& k,
-                const std::vector<float>& v, const std::vector<uint32_t>& ids, std::vector<uint32_t>* buckets) {
-  kernels::SketchUpdateParams p;
-  p.sketch = s;
-  p.sign = sign;
-  p.n = static_cast<int32_t>(ids.size());
-  p.ids = ids.data();
-  p.keys = k.data();
-  p.values = v.data();
-  p.stride = s.head_dim;
-  p.dtype = DType::kF32;
-  if (s.kind == SketchKind::kCentroid) {
-    if (sign > 0) buckets->assign(ids.size() * s.rows, 0);
-    p.buckets = buckets->data();
-  }
-  ks.SketchUpdate({&p, 1});
-}
 
 // Bucket (row-major index into [rows][width]) of token i in row r.
 int64_t CellOf(const SketchState& s, int r, uint32_t id, const uint32_t* buckets, int64_t i) {
@@ -551,8 +532,8 @@ std::unique_ptr<AttendItemData> MakeAttendItem(const AttendCase& c, uint64_t see
                                v1 = RandomNormal(int64_t{n1} * d, seed + 4);
       const std::vector<float> k2 = RandomNormal(int64_t{n2} * d, seed + 5, 1.0f, 0.3f),
                                v2 = RandomNormal(int64_t{n2} * d, seed + 6);
-      HostUpdate(ref, it->sketch->s, 1.0f, k1, v1, ids1, &b1);
-      HostUpdate(ref, it->sketch->s, 1.0f, k2, v2, ids2, &b2);
+      UpdateSketchF32(ref, it->sketch->s, 1.0f, k1, v1, ids1, &b1);
+      UpdateSketchF32(ref, it->sketch->s, 1.0f, k2, v2, ids2, &b2);
       it->vmax = std::max({it->vmax, MaxAbs(v1), MaxAbs(v2)});
       // Remove 5 + 5 tokens (every 5th of each chunk, with their buckets).
       for (int chunk = 0; chunk < 2; ++chunk) {
@@ -574,7 +555,7 @@ std::unique_ptr<AttendItemData> MakeAttendItem(const AttendCase& c, uint64_t see
             it->vague_ids.push_back(ids[i]);
           }
         }
-        HostUpdate(ref, it->sketch->s, -1.0f, rk, rv, rid, &rb);
+        UpdateSketchF32(ref, it->sketch->s, -1.0f, rk, rv, rid, &rb);
       }
       EXPECT_EQ(it->sketch->s.totals[2 * d], static_cast<float>(c.vague));
       // The data must reach the paths a backend can get wrong: empty buckets
@@ -1027,7 +1008,7 @@ TEST_P(KernelConformance, SketchUpdateLoneCentroidTokenGoesToTheLastBucket) {
   ASSERT_FALSE(HasFailure());
   const uint32_t id = 3;
   std::vector<uint32_t> want, got(rows, 0);
-  HostUpdate(*ref_, h.s, 1.0f, k, v, {id}, &want);
+  UpdateSketchF32(*ref_, h.s, 1.0f, k, v, {id}, &want);
   ASSERT_EQ(want, std::vector<uint32_t>(rows, width - 1)) << "reference";
   kernels::SketchUpdateParams p;
   p.sketch = ds.s;
@@ -1061,12 +1042,12 @@ FilledSketch Fill(kernels::KernelSet& ref, Backend& b, SketchKind kind, int rows
   std::vector<uint32_t> ids(n), buckets;
   for (int i = 0; i < n; ++i) ids[i] = 5 * i + 2;
   const std::vector<float> k = RandomNormal(int64_t{n} * d, seed, 1.0f, 0.3f), v = RandomNormal(int64_t{n} * d, seed + 1);
-  HostUpdate(ref, f.host->s, 1.0f, k, v, ids, &buckets);
+  UpdateSketchF32(ref, f.host->s, 1.0f, k, v, ids, &buckets);
   // Remove the last 20 so some buckets empty.
   const int keep = 100;
   std::vector<uint32_t> rid(ids.begin() + keep, ids.end()), rb;
   if (!buckets.empty()) rb.assign(buckets.begin() + int64_t{keep} * rows, buckets.end());
-  HostUpdate(ref, f.host->s, -1.0f, std::vector<float>(k.begin() + int64_t{keep} * d, k.end()),
+  UpdateSketchF32(ref, f.host->s, -1.0f, std::vector<float>(k.begin() + int64_t{keep} * d, k.end()),
              std::vector<float>(v.begin() + int64_t{keep} * d, v.end()), rid, &rb);
   f.ids.assign(ids.begin(), ids.begin() + keep);
   if (!buckets.empty()) f.buckets.assign(buckets.begin(), buckets.begin() + int64_t{keep} * rows);
@@ -1550,14 +1531,14 @@ TEST(KernelConformanceTolerance, SketchUpdateAdmitsReorderedInsertion) {
     const std::vector<float> k = RandomNormal(int64_t{n} * d, 31, 1.0f, 0.3f), v = RandomNormal(int64_t{n} * d, 32);
     std::vector<uint32_t> ids(n), fb, rb;
     std::iota(ids.begin(), ids.end(), 7u);
-    HostUpdate(*ref, fwd.s, 1.0f, k, v, ids, &fb);
+    UpdateSketchF32(*ref, fwd.s, 1.0f, k, v, ids, &fb);
     std::vector<float> kr, vr;
     std::vector<uint32_t> idr(ids.rbegin(), ids.rend());
     for (int i = n - 1; i >= 0; --i) {
       kr.insert(kr.end(), k.begin() + int64_t{i} * d, k.begin() + int64_t{i + 1} * d);
       vr.insert(vr.end(), v.begin() + int64_t{i} * d, v.begin() + int64_t{i + 1} * d);
     }
-    HostUpdate(*ref, rev.s, 1.0f, kr, vr, idr, &rb);
+    UpdateSketchF32(*ref, rev.s, 1.0f, kr, vr, idr, &rb);
     for (int i = 0; i < n && c.kind == SketchKind::kCentroid; ++i) {
       for (int r = 0; r < c.rows; ++r) ASSERT_EQ(rb[int64_t{n - 1 - i} * c.rows + r], fb[int64_t{i} * c.rows + r]);
     }

@@ -48,20 +48,7 @@ class SketchTest : public ::testing::Test {
   std::vector<uint32_t> Update(const SketchState& s, float sign, const std::vector<float>& k,
                                const std::vector<float>& v, const std::vector<uint32_t>& ids,
                                std::vector<uint32_t> buckets = {}) {
-    kernels::SketchUpdateParams p;
-    p.sketch = s;
-    p.sign = sign;
-    p.n = static_cast<int32_t>(ids.size());
-    p.ids = ids.data();
-    p.keys = k.data();
-    p.values = v.data();
-    p.stride = s.head_dim;
-    p.dtype = DType::kF32;
-    if (s.kind == SketchKind::kCentroid) {
-      buckets.resize(ids.size() * s.rows);
-      p.buckets = buckets.data();
-    }
-    ks->SketchUpdate({&p, 1});
+    testing::UpdateSketchF32(*ks, s, sign, k, v, ids, &buckets);
     return buckets;
   }
 

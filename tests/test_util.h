@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kvtier/kernels/kernel_set.h"
 #include "kvtier/runtime.h"
 #include "workload/reference.h"
 #include "workload/tensor.h"
@@ -26,6 +27,32 @@ namespace kvtier::testing {
     const absl::Status _st = (expr);                       \
     EXPECT_TRUE(_st.ok()) << #expr << ": " << _st.ToString(); \
   } while (0)
+
+// Inserts (sign +1) or removes (sign -1) fp32 tokens ([n][head_dim] keys and
+// values, ids) into sketch s with kernel set ks; centroid buckets ([n][rows])
+// are written to `buckets` on insert and read from it on remove.
+inline void UpdateSketchF32(kernels::KernelSet& ks, const kernels::SketchState& s, float sign,
+                            const std::vector<float>& k, const std::vector<float>& v,
+                            const std::vector<uint32_t>& ids, std::vector<uint32_t>* buckets) {
+  kernels::SketchUpdateParams p;
+  p.sketch = s;
+  p.sign = sign;
+  p.n = static_cast<int32_t>(ids.size());
+  p.ids = ids.data();
+  p.keys = k.data();
+  p.values = v.data();
+  p.stride = s.head_dim;
+  p.dtype = DType::kF32;
+  if (s.kind == SketchKind::kCentroid) {
+    if (sign > 0) buckets->assign(ids.size() * s.rows, 0);
+    if (buckets->size() < ids.size() * s.rows) {
+      ADD_FAILURE() << "removing " << ids.size() << " centroid tokens needs their buckets, got " << buckets->size();
+      return;
+    }
+    p.buckets = buckets->data();
+  }
+  ks.SketchUpdate({&p, 1});
+}
 
 inline std::vector<float> RandomNormal(int64_t n, uint64_t seed, float scale = 1.0f, float offset = 0.0f) {
   std::mt19937_64 rng(seed);
