@@ -309,6 +309,18 @@ const char* Verdict(double value, double goal) { return value >= goal ? "yes" : 
 
 // ---- (a) gather on the device ----
 
+// n distinct block indices of [0, blocks) in random order, on the host and
+// (cudaMalloc'd, the caller frees it) on the device.
+std::vector<int32_t> RandomBlocks(std::mt19937_64& rng, int64_t blocks, int64_t n, int32_t** dev) {
+  std::vector<int32_t> order(blocks);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng);
+  order.resize(n);
+  CK(cudaMalloc(dev, n * sizeof(int32_t)));
+  CK(cudaMemcpy(*dev, order.data(), n * sizeof(int32_t), cudaMemcpyHostToDevice));
+  return order;
+}
+
 void PartGather(const Flags& fl) {
   const int64_t total = fl.gather_mib * kMiB;
   std::printf("\n## a. Device gather of scattered blocks vs one device-to-device memcpy (%" PRId64 " MiB)\n\n",
@@ -329,13 +341,8 @@ void PartGather(const Flags& fl) {
   std::mt19937_64 rng(1);
   for (int64_t block : {4 * kKiB, 8 * kKiB, 16 * kKiB}) {
     const int64_t n = total / block;
-    std::vector<int32_t> order(pool / block);
-    std::iota(order.begin(), order.end(), 0);
-    std::shuffle(order.begin(), order.end(), rng);
-    order.resize(n);
     int32_t* order_dev = nullptr;
-    CK(cudaMalloc(&order_dev, n * sizeof(int32_t)));
-    CK(cudaMemcpy(order_dev, order.data(), n * sizeof(int32_t), cudaMemcpyHostToDevice));
+    const std::vector<int32_t> order = RandomBlocks(rng, pool / block, n, &order_dev);
 
     CK(cudaMemsetAsync(dst, 0xff, total, s));  // poisoned: the check sees only what the gather wrote
     const double gather_ms = TimeOnStream(fl, s, [&] { LaunchGather(dst, src, order_dev, n, block, s); });
@@ -423,13 +430,8 @@ void PartRecall(const Flags& fl) {
   CK(cudaMemset(dst, 0xff, total));  // poisoned: every check sees only what the copy wrote
   for (int64_t block : {4 * kKiB, 8 * kKiB, 16 * kKiB}) {
     const int64_t n = total / block;
-    std::vector<int32_t> order(pool / block);
-    std::iota(order.begin(), order.end(), 0);
-    std::shuffle(order.begin(), order.end(), rng);
-    order.resize(n);
     int32_t* order_dev = nullptr;
-    CK(cudaMalloc(&order_dev, n * sizeof(int32_t)));
-    CK(cudaMemcpy(order_dev, order.data(), n * sizeof(int32_t), cudaMemcpyHostToDevice));
+    const std::vector<int32_t> order = RandomBlocks(rng, pool / block, n, &order_dev);
     std::vector<void*> dsts(n);
     std::vector<const void*> srcs(n);
     std::vector<size_t> sizes(n, block);
