@@ -89,6 +89,29 @@ TEST_F(BlockStoreTest, ColdestBlocksAreDemotedFirst) {
   EXPECT_EQ(disk_->Stats().reads, 3) << "cold blocks come from the lower tier";
 }
 
+// A caller that creates several blocks before sealing any (an append
+// reserves all it needs first) still keeps the host tier at its high
+// watermark: creation past it demotes the coldest sealed blocks.
+TEST_F(BlockStoreTest, CreatingPastTheHighWatermarkDemotesBeforeAnySeal) {
+  Make(/*host_blocks=*/8, /*high=*/0.75, /*low=*/0.5);  // high: 6 blocks, low: 4
+  for (int i = 0; i < 6; ++i) Fill(i);
+  store_->Drain();
+  EXPECT_EQ(store_->Stats().demotions, 0) << "6 blocks are not above the high watermark";
+  std::vector<BlockStore::Ref> open;
+  for (int i = 0; i < 4; ++i) {
+    absl::StatusOr<BlockStore::Ref> ref = store_->CreateBlock();
+    ASSERT_TRUE(ref.ok()) << ref.status();
+    open.push_back(*ref);
+    store_->Drain();
+  }
+  // The 7th block demoted 3 sealed ones (7 -> 4); the 10th 3 more (7 -> 4).
+  const StoreStats s = store_->Stats();
+  EXPECT_EQ(s.demotions, 6);
+  EXPECT_EQ(s.host_blocks, 4);
+  EXPECT_EQ(host_->Stats().peak_bytes_in_use, 7 * kBlock) << "never above high + 1, never at the cap of 8";
+  for (BlockStore::Ref ref : open) KVTIER_EXPECT_OK(store_->Delete(ref));
+}
+
 TEST_F(BlockStoreTest, GatherFromDiskPromotesAndCopiesExactRows) {
   // Host cap 4, demote above 2 down to 2: the third sealed block pushes the
   // coldest one (the only one without heat) down.

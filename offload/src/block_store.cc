@@ -269,6 +269,10 @@ absl::StatusOr<BlockStore::Ref> BlockStore::CreateBlock() {
       ++s.host_copies;
       ++s.stats.blocks;
       if (waited) ++s.stats.host_waits;
+      // Past the high watermark: demote now, not at the next seal, so the
+      // host tier stays near it however many blocks one caller creates
+      // before sealing any.
+      DemoteColdest(/*force=*/false);
       return ref;
     }
     if (hb.status().code() != absl::StatusCode::kResourceExhausted) return hb.status();
