@@ -164,11 +164,14 @@ void HeadCache::PlanAppend(int64_t n, const AppendSource& src, AppendPlan& plan)
       // A decode step: the one token leaving the ring and the worst
       // candidate compete for a slot (what the general case below decides
       // for a pool of candidates_ + 1, without building the pool).
-      int32_t worst = CandidateSlot(0);
-      for (int32_t slot = worst + 1; slot < CandidateSlot(n_candidates_); ++slot) {
-        const float s = slot_score_[slot], w = slot_score_[worst];
-        if (s < w || (s == w && slot_pos_[slot] < slot_pos_[worst])) worst = slot;
+      // The lowest (score, position) as one packed key (see below), a
+      // reduction without branches or a loop-carried load.
+      uint64_t low = ~uint64_t{0};
+      for (int32_t slot = CandidateSlot(0); slot < CandidateSlot(n_candidates_); ++slot) {
+        low = std::min(low, uint64_t{std::bit_cast<uint32_t>(slot_score_[slot] + 0.0f)} << 32 |
+                                static_cast<uint32_t>(slot_pos_[slot]));
       }
+      const int32_t worst = static_cast<int32_t>(index_[static_cast<uint32_t>(low)]);  // a candidate's slot
       Move m = leaving[0];
       const Move cur{slot_pos_[worst], worst, -1, -1, slot_score_[worst]};
       if (ByScore()(m, cur)) {
@@ -636,17 +639,24 @@ absl::StatusOr<int> HeadCache::RequestRecall(std::span<const int64_t> positions,
   // lowest accumulated attention.
   std::vector<int32_t>& free_slots = recall_free_;
   std::vector<int32_t>& installed = recall_installed_;
-  free_slots.clear();
-  installed.clear();
   // slot_probs sum over the query group: a uniform share is group / resident.
   const float uniform =
       last_resident_ > 0 ? ctx_.options->shape.group() / static_cast<float>(last_resident_) : 0.0f;
+  // Without branches: the slots' states are in no order the branch
+  // predictor could learn, and this runs over every staging slot each step.
+  free_slots.resize(staging_);
+  installed.resize(staging_);
+  size_t n_free = 0, n_installed = 0;
   for (int32_t i = 0; i < staging_; ++i) {
-    if (stage_[i] == Stage::kFree) free_slots.push_back(StagingSlot(i));
-    if (stage_[i] != Stage::kInstalled) continue;
-    const bool used = installed_at_[i] == attends_ || probs_host_[StagingSlot(i)] >= uniform;
-    if (make_room || !used) installed.push_back(StagingSlot(i));
+    const int32_t slot = StagingSlot(i);
+    const bool used = (installed_at_[i] == attends_) | (probs_host_[slot] >= uniform);  // | and &: no branches
+    free_slots[n_free] = slot;
+    n_free += stage_[i] == Stage::kFree;
+    installed[n_installed] = slot;
+    n_installed += (stage_[i] == Stage::kInstalled) & (make_room | !used);
   }
+  free_slots.resize(n_free);
+  installed.resize(n_installed);
   const size_t room = free_slots.size() + installed.size();
   std::vector<int32_t>& targets = recall_targets_;
   targets.clear();
@@ -672,18 +682,21 @@ absl::StatusOr<int> HeadCache::RequestRecall(std::span<const int64_t> positions,
     auto lower = [](const auto& a, const auto& b) { return a.first < b.first; };
     if (need < keyed.size()) std::nth_element(keyed.begin(), keyed.begin() + need, keyed.end(), lower);
     keyed.resize(need);
-    std::sort(keyed.begin(), keyed.end(), lower);
+    // Their order is the order they re-enter the sketch; plan-only has no
+    // sketch, and the order decides nothing there.
+    if (!plan_only_) std::sort(keyed.begin(), keyed.end(), lower);
     installed.resize(need);
     for (size_t i = 0; i < need; ++i) installed[i] = keyed[i].second;
     if (absl::Status st = Unstage(installed); !st.ok()) return st;
     free_slots.insert(free_slots.end(), installed.begin(), installed.end());
   }
-  // One gather per block: its tokens' K and V rows into their slots.
-  std::vector<size_t>& order = recall_order_;
+  // One gather per block: its tokens' K and V rows into their slots. The
+  // targets in ordinal order: one packed (ordinal, index) key each.
+  std::vector<uint64_t>& order = recall_order_;
   order.resize(targets.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::sort(order.begin(), order.end(),
-            [&](size_t a, size_t b) { return ordinal_[targets[a]] < ordinal_[targets[b]]; });
+  for (size_t i = 0; i < order.size(); ++i) order[i] = uint64_t{ordinal_[targets[i]]} << 32 | i;
+  std::sort(order.begin(), order.end());
+  for (uint64_t& o : order) o &= 0xffffffffu;
   const int64_t rb = ctx_.row_bytes;
   Pending p;
   p.positions.reserve(order.size());

@@ -292,7 +292,7 @@ class HeadCache {
   mutable std::vector<uint64_t> pool_;
   mutable std::vector<int32_t> free_scratch_;
   std::vector<int32_t> recall_free_, recall_installed_, recall_targets_, unstage_pos_, install_pos_, install_slots_;
-  std::vector<size_t> recall_order_;
+  std::vector<uint64_t> recall_order_;
   std::vector<std::pair<uint64_t, int32_t>> recall_keyed_;
   std::vector<int32_t> scratch_[5];  // ApplyAppend's lists of slots and positions
 };
