@@ -29,6 +29,9 @@ ABSL_FLAG(std::string, model, "smollm2-135m",
           "model preset: smollm2-135m | llama-3.1-8b | qwen2.5-7b | llama-3.1-70b");
 ABSL_FLAG(std::string, shape, "", "shape file (layers, q_heads, kv_heads, head_dim, dtype as key = value); overrides --model");
 ABSL_FLAG(std::string, content, "full", "full: kernels on generated K/V/Q | none: plan side only");
+ABSL_FLAG(bool, fold_heads, true,
+          "--content none: one head cache stands for every layer and KV head (same results, layers x KV heads "
+          "less work); --nofold_heads runs them all");
 ABSL_FLAG(std::string, capture, "",
           "--content full: replay this captured Q/K/V directory (docs/capture.md) instead of generated content");
 ABSL_FLAG(std::string, device_budget, "10%", "device budget: bytes (e.g. 2GiB) or a percentage of the full cache");
@@ -123,6 +126,7 @@ int Run() {
   if (!cli::ParseName<ContentLevel>(absl::GetFlag(FLAGS_content), {{"full", ContentLevel::kFull}, {"none", ContentLevel::kNone}},
                                o.content))
     return Fail("--content must be full or none, got " + absl::GetFlag(FLAGS_content));
+  o.fold_heads = absl::GetFlag(FLAGS_fold_heads);
   if (!absl::GetFlag(FLAGS_capture).empty()) {
     if (o.content != ContentLevel::kFull) return Fail("--capture needs --content full");
     absl::StatusOr<Capture> c = Capture::Load(absl::GetFlag(FLAGS_capture), o.shape);

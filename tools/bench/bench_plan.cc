@@ -2,7 +2,9 @@
 // kvtier-replay --content none runs): token-events per second on one core.
 // A token-event is one token through one layer: appended in a prefill, or
 // appended and attended in a decode step (the replay's count).
-// SmolLM2-135M's shape, 10% budget.
+// SmolLM2-135M's shape, 10% budget. The second argument: 0 runs every layer
+// and KV head; 1 runs the folded head the replay runs (replay::FoldedOptions:
+// one head cache stands for all 30 x 3, so one head's work is 30 events).
 //
 //   build/release/tools/bench_plan --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 #include <memory>
@@ -11,20 +13,22 @@
 #include "benchmark/benchmark.h"
 #include "kvtier/runtime.h"
 #include "oneapi/tbb/global_control.h"
+#include "replay/driver.h"
 
 namespace {
 
 using kvtier::AppendOptions;
 using kvtier::Runtime;
 
-// The options' defaults (the replay's), recall on.
-std::unique_ptr<Runtime> Make(int64_t max_context) {
+// The options' defaults (the replay's), recall on; folded or not.
+std::unique_ptr<Runtime> Make(int64_t max_context, bool folded) {
   kvtier::Options o;
   o.shape = kvtier::ModelShape::SmolLM2_135M();
   o.max_context = max_context;
   o.max_sequences = 1;
   o.device_budget_fraction = 0.10;
   o.plan_only = true;
+  if (folded) o = *kvtier::replay::FoldedOptions(o);
   return std::move(*Runtime::Create(o));
 }
 
@@ -42,8 +46,9 @@ std::vector<float> Weights(int64_t n, int heads) {
 void BM_PlanPrefill(benchmark::State& state) {
   tbb::global_control one_core(tbb::global_control::max_allowed_parallelism, 1);
   const int64_t context = state.range(0);
-  auto rt = Make(context);
+  auto rt = Make(context, state.range(1) != 0);
   const int L = rt->options().shape.layers, H = rt->options().shape.kv_heads;
+  const int64_t events_per_token = kvtier::ModelShape::SmolLM2_135M().layers;
   const std::vector<float> w = Weights(context, H);
   kvtier::SequenceId id = 0;
   for (auto _ : state) {
@@ -56,20 +61,21 @@ void BM_PlanPrefill(benchmark::State& state) {
     }
     (void)rt->RemoveSequence(id);
   }
-  state.SetItemsProcessed(state.iterations() * context * L);
-  state.counters["token_events_per_s"] =
-      benchmark::Counter(static_cast<double>(state.iterations() * context * L), benchmark::Counter::kIsRate);
+  state.SetItemsProcessed(state.iterations() * context * events_per_token);
+  state.counters["token_events_per_s"] = benchmark::Counter(
+      static_cast<double>(state.iterations() * context * events_per_token), benchmark::Counter::kIsRate);
 }
-BENCHMARK(BM_PlanPrefill)->Arg(4096)->Arg(32768)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_PlanPrefill)->ArgsProduct({{4096, 32768}, {0, 1}})->Unit(benchmark::kMillisecond);
 
 // Decode: one token appended and attended on every layer of a sequence
-// already `context` tokens long (recall on); each step is `layers` events.
+// already `context` tokens long (recall on); each step is 30 events.
 void BM_PlanDecode(benchmark::State& state) {
   tbb::global_control one_core(tbb::global_control::max_allowed_parallelism, 1);
   const int64_t context = state.range(0);
   const int64_t steps = 4096;
-  auto rt = Make(context + steps + 1);
+  auto rt = Make(context + steps + 1, state.range(1) != 0);
   const int L = rt->options().shape.layers, H = rt->options().shape.kv_heads;
+  const int64_t events_per_step = kvtier::ModelShape::SmolLM2_135M().layers;
   const std::vector<float> w = Weights(context + steps, H);
   (void)rt->AddSequence(1);
   for (int64_t first = 0; first < context; first += 512) {
@@ -91,12 +97,12 @@ void BM_PlanDecode(benchmark::State& state) {
       (void)rt->Attend(1, l, nullptr, nullptr);
     }
     ++pos;
-    events += L;
+    events += events_per_step;
   }
   state.SetItemsProcessed(events);
   state.counters["token_events_per_s"] = benchmark::Counter(static_cast<double>(events), benchmark::Counter::kIsRate);
 }
-BENCHMARK(BM_PlanDecode)->Arg(4096)->Arg(16384)->Iterations(2000)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_PlanDecode)->ArgsProduct({{4096, 16384}, {0, 1}})->Iterations(2000)->Unit(benchmark::kMicrosecond);
 
 }  // namespace
 

@@ -10,6 +10,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "kvtier/budget.h"
 #include "kvtier/runtime.h"
 
 namespace kvtier::replay {
@@ -78,10 +79,12 @@ struct Totals {
   int64_t d2h = 0, h2d = 0, nvme_read = 0, nvme_write = 0, disk_reads = 0, requested = 0;
 };
 
-Totals Snapshot(const Runtime& rt) {
+// The runtime's counters; `fold` heads each (FoldedOptions).
+Totals Snapshot(const Runtime& rt, int64_t fold) {
   const RuntimeStats s = rt.Stats();
-  return Totals{s.store.bytes_device_to_host, s.store.bytes_host_to_device, s.store.bytes_disk_to_host,
-                s.store.bytes_host_to_disk,   s.disk_tier.reads,              s.recall.requested};
+  return Totals{s.store.bytes_device_to_host * fold, s.store.bytes_host_to_device * fold,
+                s.store.bytes_disk_to_host * fold,   s.store.bytes_host_to_disk * fold,
+                s.disk_tier.reads * fold,            s.recall.requested * fold};
 }
 
 absl::Status Validate(const ReplayOptions& o) {
@@ -105,6 +108,47 @@ absl::Status Validate(const ReplayOptions& o) {
 }
 
 }  // namespace
+
+absl::StatusOr<Options> FoldedOptions(const Options& o) {
+  absl::StatusOr<BudgetPlan> plan = PlanBudget(o);
+  if (!plan.ok()) return plan.status();
+  const ModelShape& sh = o.shape;
+  const int64_t fold = static_cast<int64_t>(sh.layers) * sh.kv_heads;
+  Options f = o;
+  f.shape = ModelShape{.layers = 1, .q_heads = sh.group(), .kv_heads = 1, .head_dim = sh.head_dim, .dtype = sh.dtype};
+  // Every size explicit, so the one head's plan is the per-head plan above,
+  // and a budget of exactly one head per sequence plus the shared planes.
+  f.sink_tokens = plan->sink_tokens;
+  f.block_tokens = plan->block_tokens;
+  f.device_budget_bytes = plan->per_sequence_bytes / fold * o.max_sequences + plan->shared_bytes;
+  if (plan->compressed) {
+    f.recent_tokens = plan->recent_tokens;
+    f.candidate_tokens = plan->candidate_tokens;
+    f.staging_tokens = plan->staging_tokens;
+    if (plan->sketch_kind != SketchKind::kNone) {
+      f.sketch_rows = plan->sketch_rows;
+      f.sketch_width = plan->sketch_width;
+    }
+    if (plan->summary_groups > 0) f.summary_tokens = plan->summary_tokens;
+    if (o.recall_proxy != RecallProxy::kNone) f.recall_tokens = plan->recall_tokens;
+  }
+  // The tiers hold one head's share of the blocks.
+  f.host_tier_bytes = o.host_tier_bytes / fold;
+  f.nvme_bytes = o.nvme_bytes / fold;
+  absl::StatusOr<BudgetPlan> one = PlanBudget(f);
+  if (!one.ok()) return one.status();
+  const BudgetPlan& p = *plan;
+  const BudgetPlan& q = *one;
+  if (q.compressed != p.compressed || q.sink_tokens != p.sink_tokens || q.recent_tokens != p.recent_tokens ||
+      q.candidate_tokens != p.candidate_tokens || q.staging_tokens != p.staging_tokens ||
+      q.sketch_rows != p.sketch_rows || q.sketch_width != p.sketch_width || q.block_tokens != p.block_tokens ||
+      q.recall_tokens != p.recall_tokens || q.summary_tokens != p.summary_tokens ||
+      q.per_head.total() != p.per_head.total()) {
+    return absl::InternalError(absl::StrFormat("the folded head's plan (%s) differs from the model's (%s)",
+                                               q.Explain(), p.Explain()));
+  }
+  return f;
+}
 
 double Percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0.0;
@@ -167,10 +211,22 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
   o.plan_only = options.content == ContentLevel::kNone;
   const bool plan_only = o.plan_only;
   const bool disk_tier = !plan_only && !o.nvme_dir.empty();
+  absl::StatusOr<BudgetPlan> model_plan = PlanBudget(o);
+  if (!model_plan.ok()) return model_plan.status();
+  const BudgetPlan& plan = *model_plan;
+  // Plan-only, folded: one head cache stands for all L x H (FoldedOptions);
+  // its counts are multiplied by `fold`.
+  const bool folded = plan_only && options.fold_heads;
+  const int64_t fold = folded ? static_cast<int64_t>(L) * H : 1;
+  if (folded) {
+    absl::StatusOr<Options> f = FoldedOptions(o);
+    if (!f.ok()) return f.status();
+    o = *f;
+  }
   absl::StatusOr<std::unique_ptr<Runtime>> created = Runtime::Create(o);
   if (!created.ok()) return created.status();
   Runtime& rt = **created;
-  const BudgetPlan& plan = rt.plan();
+  const int RL = o.shape.layers, RH = o.shape.kv_heads;  // the runtime's layers and KV heads
   res.plan = plan.Explain();
   res.backend = std::string(rt.backend_name());
   res.budget_bytes = plan.budget_bytes;
@@ -179,7 +235,9 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
   ContentOptions co = options.content_options;
   co.seed = options.seed;
   co.block_tokens = static_cast<int>(block);
-  const ContentModel content(sh, co);
+  // The content model gives every layer and KV head the same attention
+  // weights (ContentModel::Scores), which is what makes the fold exact.
+  const ContentModel content(o.shape, co);
   const Capture* capture = options.capture.get();  // null: the content model's K/V/Q
 
   // Tier bytes a request needs at its final length: every token that ever
@@ -230,7 +288,7 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
     }
     s.tier_bytes = tier_need(total);
     if (absl::Status st = rt.AddSequence(static_cast<SequenceId>(i)); !st.ok()) return st;
-    const Totals before = Snapshot(rt);
+    const Totals before = Snapshot(rt, fold);
     const int64_t P = r.prompt_tokens;
     // Prefix reuse: the leading prompt blocks found in the prefix store are
     // copied in (the same K/V: the content model keys blocks by hash id)
@@ -253,15 +311,15 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
     }
     for (int64_t first = 0; first < P; first += options.prefill_chunk) {
       const int64_t c = std::min<int64_t>(options.prefill_chunk, P - first);
-      kbuf.resize(c * H * row);
+      kbuf.resize(c * RH * row);
       vbuf.resize(kbuf.size());
-      scores.resize(c * H);
+      scores.resize(c * RH);
       if (!plan_only && capture == nullptr) content.KeysValues(s.keys, first, c, kbuf.data(), vbuf.data());
       content.Scores(s.keys, first, c, P - 1, scores.data());
       AppendOptions ao;
       ao.scores = scores.data();
       ao.weights = scores.data();  // plan-only: the same shares are the attention model
-      for (int l = 0; l < L; ++l) {
+      for (int l = 0; l < RL; ++l) {
         if (capture != nullptr) capture->KeysValues(l, first, c, kbuf.data(), vbuf.data());
         if (absl::Status st = rt.Append(static_cast<SequenceId>(i), l, plan_only ? nullptr : kbuf.data(),
                                         plan_only ? nullptr : vbuf.data(), c, ao);
@@ -273,7 +331,7 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
     }
     rt.Drain();
     if (options.after_prefill) options.after_prefill(rt, static_cast<SequenceId>(i));
-    const Totals after = Snapshot(rt);
+    const Totals after = Snapshot(rt, fold);
     res.bytes_d2h += after.d2h - before.d2h;
     res.bytes_nvme_write += after.nvme_write - before.nvme_write;
     res.prompt_tokens += P;
@@ -334,25 +392,25 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
     }
 
     // One decode step of every live sequence: append its token, attend, per layer.
-    const Totals before = Snapshot(rt);
+    const Totals before = Snapshot(rt, fold);
     int64_t exact = 0, sketch = 0;
     std::vector<AttendItem> items(live.size());
     std::vector<std::vector<char>> qs(plan_only ? 0 : live.size(), std::vector<char>(q.size())), outs = qs;
-    kbuf.resize(H * row);
+    kbuf.resize(RH * row);
     vbuf.resize(kbuf.size());
     // Plan-only: the new token's weight, as seen from itself.
-    std::vector<float> decode_weights(plan_only ? live.size() * H : 0);
-    for (size_t j = 0; j < decode_weights.size() / std::max(H, 1); ++j) {
-      content.Scores(live[j].keys, live[j].length, 1, live[j].length, decode_weights.data() + j * H);
+    std::vector<float> decode_weights(plan_only ? live.size() * RH : 0);
+    for (size_t j = 0; j < decode_weights.size() / RH; ++j) {
+      content.Scores(live[j].keys, live[j].length, 1, live[j].length, decode_weights.data() + j * RH);
     }
-    for (int l = 0; l < L; ++l) {
+    for (int l = 0; l < RL; ++l) {
       for (size_t j = 0; j < live.size(); ++j) {
         Live& s = live[j];
         const SequenceId id = static_cast<SequenceId>(s.index);
         absl::Status st;
         if (plan_only) {
           AppendOptions ao;
-          ao.weights = decode_weights.data() + j * H;
+          ao.weights = decode_weights.data() + j * RH;
           st = rt.Append(id, l, nullptr, nullptr, 1, ao);
           items[j] = AttendItem{id, nullptr, nullptr};
         } else {
@@ -379,9 +437,9 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
       absl::StatusOr<AttendCounts> c = rt.AttendBatch(l, items);
       if (!c.ok()) return c.status();
       if (disk_tier) rt.Drain();
-      exact += c->exact;
-      sketch += c->from_sketch;
-      res.served_dropped += c->dropped;
+      exact += c->exact * fold;
+      sketch += c->from_sketch * fold;
+      res.served_dropped += c->dropped * fold;
     }
     rt.Drain();
     // Per-request shares: every live sequence's layers see the same region sizes.
@@ -389,12 +447,12 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
       RequestResult& r = res.per_request[s.index];
       const absl::StatusOr<RegionCounts> rc = rt.Regions(static_cast<SequenceId>(s.index));
       if (rc.ok()) {
-        r.exact += rc->resident();
-        r.from_sketch += o.vague_policy == VaguePolicy::kDrop ? 0 : rc->vague;
-        r.dropped += o.vague_policy == VaguePolicy::kDrop ? rc->vague : 0;
+        r.exact += rc->resident() * fold;
+        r.from_sketch += o.vague_policy == VaguePolicy::kDrop ? 0 : rc->vague * fold;
+        r.dropped += o.vague_policy == VaguePolicy::kDrop ? rc->vague * fold : 0;
       }
     }
-    const Totals after = Snapshot(rt);
+    const Totals after = Snapshot(rt, fold);
     res.served_exact += exact;
     res.served_sketch += sketch;
     const int64_t h2d = after.h2d - before.h2d, nvme_read = after.nvme_read - before.nvme_read;
@@ -440,13 +498,16 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
   }
   rt.Drain();
   const RuntimeStats st = rt.Stats();
-  res.peak_device_bytes = st.peak_device_bytes;
-  res.peak_host_bytes = st.host_tier.peak_bytes_in_use;
-  res.peak_nvme_bytes = st.disk_tier.peak_bytes_in_use;
+  // The arena's peak: the shared planes and the sequences' chunks; a folded
+  // sequence's chunk is 1/fold of the model's.
+  const int64_t shared = rt.plan().shared_bytes;
+  res.peak_device_bytes = shared + (st.peak_device_bytes - shared) * fold;
+  res.peak_host_bytes = st.host_tier.peak_bytes_in_use * fold;
+  res.peak_nvme_bytes = st.disk_tier.peak_bytes_in_use * fold;
   // What is still held: zero once every admitted request finished.
-  res.final_host_bytes = st.host_tier.bytes_in_use;
-  res.final_nvme_bytes = st.disk_tier.bytes_in_use;
-  res.final_blocks = st.store.blocks;
+  res.final_host_bytes = st.host_tier.bytes_in_use * fold;
+  res.final_nvme_bytes = st.disk_tier.bytes_in_use * fold;
+  res.final_blocks = st.store.blocks * fold;
   res.virtual_seconds = t / 1e6;
   res.wall_seconds = Now() - wall0;
   return res;

@@ -27,6 +27,10 @@ struct ReplayOptions {
   ModelShape shape;                 // required
   std::string model_name;           // for the report
   ContentLevel content = ContentLevel::kFull;
+  // --content none: one head cache stands for every layer and KV head (see
+  // FoldedOptions), L x H times less work with the same results; false runs
+  // all of them (to check the fold).
+  bool fold_heads = true;
   // Divides every prompt and output length (rounding up) and the 512-token
   // hash block; a power of two in [1, 512]. 1 = the trace as it is.
   int token_scale = 1;
@@ -122,6 +126,16 @@ std::string ReplayJson(const ReplayResult& r, const ReplayOptions& options);
 std::string RequestsCsv(const ReplayResult& r);
 
 double Percentile(std::vector<double> v, double p);
+
+// The options of a plan-only runtime of one layer and one KV head that
+// stands for all of `o`'s (a plan-only `o`): every size of `o`'s per-head
+// plan made explicit, a budget of one head per sequence, and host and NVMe
+// tiers of 1/(layers x kv_heads) of `o`'s. When every layer and KV head gets
+// the same attention weights (the replay's content model), they all make the
+// same choices, so this head's counts times layers x kv_heads are the
+// model's; only which tier blocks are demoted can differ (docs/replay.md).
+// InternalError if the one head's plan is not the per-head plan.
+absl::StatusOr<Options> FoldedOptions(const Options& o);
 
 }  // namespace kvtier::replay
 
