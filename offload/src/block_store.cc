@@ -486,7 +486,7 @@ void BlockStore::FinishHostParts(std::vector<std::pair<int, Ref>> parts, std::ve
 std::shared_ptr<Transfer> BlockStore::Gather(std::vector<GatherPart> parts) {
   State& s = *state_;
   auto transfer = std::make_shared<Transfer>(static_cast<int>(parts.size()));
-  std::vector<std::pair<int, absl::Status>> failed;
+  std::vector<std::pair<int, absl::Status>> finished;  // parts that end here: failed, or content-free in the host
   std::vector<std::pair<int, Ref>> host_parts;  // (part, block)
   std::vector<std::pair<const char*, std::vector<GatherRow>>> host_rows;
   {
@@ -494,7 +494,7 @@ std::shared_ptr<Transfer> BlockStore::Gather(std::vector<GatherPart> parts) {
     for (int i = 0; i < static_cast<int>(parts.size()); ++i) {
       const Ref ref = parts[i].block;
       if (ref >= s.blocks.size() || !s.blocks[ref].live || s.blocks[ref].deleted) {
-        failed.emplace_back(i, absl::FailedPreconditionError(
+        finished.emplace_back(i, absl::FailedPreconditionError(
                                    absl::StrFormat("block store: gather from block %d, which does not exist", ref)));
         continue;
       }
@@ -507,11 +507,15 @@ std::shared_ptr<Transfer> BlockStore::Gather(std::vector<GatherPart> parts) {
         }
       }
       if (!bad.ok()) {
-        failed.emplace_back(i, bad);
+        finished.emplace_back(i, bad);
       } else if (b.loc == State::Loc::kLost) {
-        failed.emplace_back(i, absl::DataLossError(absl::StrFormat(
-                                   "block store: block %d is lost (its %s copy failed the checksum twice)", ref,
-                                   disk_ ? disk_->name() : "?")));
+        finished.emplace_back(i, absl::DataLossError(absl::StrFormat(
+                                     "block store: block %d is lost (its %s copy failed the checksum twice)", ref,
+                                     disk_ ? disk_->name() : "?")));
+      } else if (b.host != kNoBlock && options_.content_free) {
+        // Nothing to copy: the part is done now, with its bytes counted.
+        for (const GatherRow& r : parts[i].rows) s.stats.bytes_host_to_device += r.bytes;
+        finished.emplace_back(i, absl::OkStatus());
       } else if (b.host != kNoBlock) {
         ++b.pins;
         host_parts.emplace_back(i, ref);
@@ -521,18 +525,7 @@ std::shared_ptr<Transfer> BlockStore::Gather(std::vector<GatherPart> parts) {
         if (!b.reading) StartDiskRead(ref);
       }
     }
-    if (!host_parts.empty() && options_.content_free) {
-      // Nothing to copy: the parts complete now, with their bytes counted.
-      ++s.in_flight;
-      std::vector<int64_t> bytes(host_parts.size(), 0);
-      for (size_t i = 0; i < host_parts.size(); ++i) {
-        for (const GatherRow& r : host_rows[i].second) bytes[i] += r.bytes;
-      }
-      s.deferred.push_back([this, host_parts = std::move(host_parts), bytes = std::move(bytes), transfer]() mutable {
-        std::vector<absl::Status> status(host_parts.size());
-        FinishHostParts(std::move(host_parts), std::move(bytes), transfer, std::move(status));
-      });
-    } else if (!host_parts.empty()) {
+    if (!host_parts.empty()) {
       ++s.in_flight;
       s.jobs.push_back([this, host_parts = std::move(host_parts), host_rows = std::move(host_rows), transfer]() mutable {
         std::vector<absl::Status> status(host_parts.size());
@@ -563,7 +556,7 @@ std::shared_ptr<Transfer> BlockStore::Gather(std::vector<GatherPart> parts) {
       s.jobs_cv.notify_one();
     }
   }
-  for (auto& [i, st] : failed) transfer->FinishPart(i, std::move(st));
+  for (auto& [i, st] : finished) transfer->FinishPart(i, std::move(st));
   return transfer;
 }
 

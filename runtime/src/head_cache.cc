@@ -673,11 +673,12 @@ absl::StatusOr<int> HeadCache::RequestRecall(std::span<const int64_t> positions,
     // The `need` lowest by (score, position), in order: one packed key per
     // slot (scores are >= 0, + 0.0f turns a -0 into +0; positions differ).
     std::vector<std::pair<uint64_t, int32_t>>& keyed = recall_keyed_;
-    keyed.clear();
-    for (int32_t slot : installed) {
-      keyed.emplace_back(uint64_t{std::bit_cast<uint32_t>(slot_score_[slot] + 0.0f)} << 32 |
-                             static_cast<uint32_t>(slot_pos_[slot]),
-                         slot);
+    keyed.resize(installed.size());
+    for (size_t j = 0; j < installed.size(); ++j) {
+      const int32_t slot = installed[j];
+      keyed[j] = {uint64_t{std::bit_cast<uint32_t>(slot_score_[slot] + 0.0f)} << 32 |
+                      static_cast<uint32_t>(slot_pos_[slot]),
+                  slot};
     }
     auto lower = [](const auto& a, const auto& b) { return a.first < b.first; };
     if (need < keyed.size()) std::nth_element(keyed.begin(), keyed.begin() + need, keyed.end(), lower);
@@ -702,24 +703,26 @@ absl::StatusOr<int> HeadCache::RequestRecall(std::span<const int64_t> positions,
   p.positions.reserve(order.size());
   p.slots.reserve(order.size());
   std::vector<GatherPart> parts;
+  const uint32_t bt = static_cast<uint32_t>(block_tokens());
   size_t i = 0;
   while (i < order.size()) {
-    const BlockStore::Ref block = OrdinalBlock(ordinal_[targets[order[i]]]);
+    // The block of the next target and the targets in it (one division per block).
+    const uint32_t first_ord = ordinal_[targets[order[i]]] / bt * bt;
     size_t end = i + 1;
-    while (end < order.size() && OrdinalBlock(ordinal_[targets[order[end]]]) == block) ++end;
-    GatherPart part{block, {}};
+    while (end < order.size() && ordinal_[targets[order[end]]] - first_ord < bt) ++end;
+    GatherPart part{blocks_[first_ord / bt], {}};
     part.rows.reserve(2 * (end - i));
     for (; i < end; ++i) {
       const int32_t pos = targets[order[i]];
       const int32_t slot = free_slots[order[i]];
-      const uint32_t ord = ordinal_[pos];
-      part.rows.push_back(GatherRow{OrdinalOffset(ord), KSlot(slot), rb});
-      part.rows.push_back(GatherRow{VOffset() + OrdinalOffset(ord), VSlot(slot), rb});
+      const int64_t offset = static_cast<int64_t>(ordinal_[pos] - first_ord) * rb;  // OrdinalOffset
+      part.rows.push_back(GatherRow{offset, KSlot(slot), rb});
+      part.rows.push_back(GatherRow{VOffset() + offset, VSlot(slot), rb});
       stage_[slot - StagingSlot(0)] = Stage::kPending;
       p.positions.push_back(pos);
       p.slots.push_back(slot);
     }
-    ctx_.store->AddHeat(block, static_cast<float>(part.rows.size() / 2));
+    ctx_.store->AddHeat(part.block, static_cast<float>(part.rows.size() / 2));
     p.part_end.push_back(static_cast<int32_t>(p.positions.size()));
     parts.push_back(std::move(part));
   }
