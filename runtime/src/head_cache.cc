@@ -636,16 +636,19 @@ absl::StatusOr<int> HeadCache::RequestRecall(std::span<const int64_t> positions,
     }
   }
   // Staging slots: free ones first, then the installed tokens with the
-  // lowest accumulated attention.
-  std::vector<int32_t>& free_slots = recall_free_;
-  std::vector<int32_t>& installed = recall_installed_;
+  // lowest accumulated attention. Both lists fit in staging_ entries each
+  // (the installed ones taken join the free ones), sized once.
+  if (recall_free_.size() != static_cast<size_t>(staging_)) {
+    recall_free_.assign(staging_, 0);
+    recall_installed_.assign(staging_, 0);
+  }
+  int32_t* free_slots = recall_free_.data();
+  int32_t* installed = recall_installed_.data();
   // slot_probs sum over the query group: a uniform share is group / resident.
   const float uniform =
       last_resident_ > 0 ? ctx_.options->shape.group() / static_cast<float>(last_resident_) : 0.0f;
   // Without branches: the slots' states are in no order the branch
   // predictor could learn, and this runs over every staging slot each step.
-  free_slots.resize(staging_);
-  installed.resize(staging_);
   size_t n_free = 0, n_installed = 0;
   for (int32_t i = 0; i < staging_; ++i) {
     const int32_t slot = StagingSlot(i);
@@ -655,9 +658,7 @@ absl::StatusOr<int> HeadCache::RequestRecall(std::span<const int64_t> positions,
     installed[n_installed] = slot;
     n_installed += (stage_[i] == Stage::kInstalled) & (make_room | !used);
   }
-  free_slots.resize(n_free);
-  installed.resize(n_installed);
-  const size_t room = free_slots.size() + installed.size();
+  const size_t room = n_free + n_installed;
   std::vector<int32_t>& targets = recall_targets_;
   targets.clear();
   for (int64_t p : positions) {
@@ -668,13 +669,13 @@ absl::StatusOr<int> HeadCache::RequestRecall(std::span<const int64_t> positions,
     }
   }
   if (targets.empty()) return 0;
-  if (targets.size() > free_slots.size()) {
-    const size_t need = targets.size() - free_slots.size();
+  if (targets.size() > n_free) {
+    const size_t need = targets.size() - n_free;
     // The `need` lowest by (score, position), in order: one packed key per
     // slot (scores are >= 0, + 0.0f turns a -0 into +0; positions differ).
     std::vector<std::pair<uint64_t, int32_t>>& keyed = recall_keyed_;
-    keyed.resize(installed.size());
-    for (size_t j = 0; j < installed.size(); ++j) {
+    keyed.resize(n_installed);
+    for (size_t j = 0; j < n_installed; ++j) {
       const int32_t slot = installed[j];
       keyed[j] = {uint64_t{std::bit_cast<uint32_t>(slot_score_[slot] + 0.0f)} << 32 |
                       static_cast<uint32_t>(slot_pos_[slot]),
@@ -686,10 +687,10 @@ absl::StatusOr<int> HeadCache::RequestRecall(std::span<const int64_t> positions,
     // Their order is the order they re-enter the sketch; plan-only has no
     // sketch, and the order decides nothing there.
     if (!plan_only_) std::sort(keyed.begin(), keyed.end(), lower);
-    installed.resize(need);
-    for (size_t i = 0; i < need; ++i) installed[i] = keyed[i].second;
-    if (absl::Status st = Unstage(installed); !st.ok()) return st;
-    free_slots.insert(free_slots.end(), installed.begin(), installed.end());
+    // The slots taken join the free ones.
+    for (size_t i = 0; i < need; ++i) free_slots[n_free + i] = keyed[i].second;
+    if (absl::Status st = Unstage(std::span<const int32_t>(free_slots + n_free, need)); !st.ok()) return st;
+    n_free += need;
   }
   // One gather per block: its tokens' K and V rows into their slots. The
   // targets in ordinal order: one packed (ordinal, index) key each.

@@ -102,7 +102,7 @@ void BM_PlanDecode(benchmark::State& state) {
   state.SetItemsProcessed(events);
   state.counters["token_events_per_s"] = benchmark::Counter(static_cast<double>(events), benchmark::Counter::kIsRate);
 }
-BENCHMARK(BM_PlanDecode)->ArgsProduct({{4096, 16384}, {0, 1}})->Iterations(2000)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_PlanDecode)->ArgsProduct({{4096, 16384, 131072}, {0, 1}})->Iterations(2000)->Unit(benchmark::kMicrosecond);
 
 }  // namespace
 
