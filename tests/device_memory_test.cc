@@ -86,11 +86,11 @@ class GuardedKernels final : public kernels::KernelSet {
   void SketchEstimate(const kernels::SketchEstimateParams& p) override {
     mem_.Open([&] { inner_.SketchEstimate(p); });
   }
-  void SketchScores(const kernels::SketchScoreParams& p) override {
-    mem_.Open([&] { inner_.SketchScores(p); });
+  void SketchScores(std::span<const kernels::SketchScoreParams> items) override {
+    mem_.Open([&] { inner_.SketchScores(items); });
   }
-  void BoundScores(const kernels::BoundScoreParams& p) override {
-    mem_.Open([&] { inner_.BoundScores(p); });
+  void BoundScores(std::span<const kernels::BoundScoreParams> items) override {
+    mem_.Open([&] { inner_.BoundScores(items); });
   }
   void CopyRows(std::span<const kernels::RowCopyParams> items) override {
     mem_.Open([&] { inner_.CopyRows(items); });

@@ -1137,11 +1137,11 @@ TEST_P(KernelConformance, SketchScoresMatchReference) {
         p.sketch = f.host->s;
         p.q = q.data();
         p.scores = want.data();
-        ref_->SketchScores(p);
+        ref_->SketchScores({&p, 1});
         p.sketch = f.dev->s;
         p.q = dq.get();
         p.scores = got.data();
-        dev().SketchScores(p);
+        dev().SketchScores({&p, 1});
         const std::string name = std::string(SketchKindName(c.kind)) + "x" + std::to_string(c.rows) + " " +
                                  std::string(VaguePolicyName(policy)) + " group " + std::to_string(group);
         const std::vector<double> tol =
@@ -1193,7 +1193,7 @@ TEST_P(KernelConformance, BoundScoresMatchReference) {
         p.q = q.data();
         p.bounds = bb.data();
         p.scores = want.data();
-        ref_->BoundScores(p);
+        ref_->BoundScores({&p, 1});
         // The magnitude of each score's terms: the reference on |q|, |bounds|
         // (max(|q lo|, |q hi|) >= |max(q lo, q hi)|).
         std::vector<float> qa = RoundTo(qf, dt), ba = RoundTo(bounds, dt);
@@ -1203,11 +1203,11 @@ TEST_P(KernelConformance, BoundScoresMatchReference) {
         p.q = qae.data();
         p.bounds = bae.data();
         p.scores = mag.data();
-        ref_->BoundScores(p);
+        ref_->BoundScores({&p, 1});
         p.q = dq.get();
         p.bounds = db.get();
         p.scores = got.data();
-        dev().BoundScores(p);
+        dev().BoundScores({&p, 1});
         // A fp32 sum of d terms in another order: error below 1e-5 of the
         // sum of the terms' magnitudes.
         CompareFloats(got.data(), want.data(), n, bit_exact_, [&](int64_t i) { return 1e-5 * mag[i]; },
@@ -1229,6 +1229,91 @@ TEST_P(KernelConformance, BoundScoresMatchReference) {
         }
       }
     }
+  }
+}
+
+// A batch of ranking items in one call gives each item what a call of its
+// own gives: the same kernels on the same inputs, bit for bit (the batch
+// only packs uploads and downloads together); an item with n = 0 is skipped.
+TEST_P(KernelConformance, RankingScoresBatchMatchOneCallEach) {
+  std::vector<FilledSketch> sketches;
+  std::vector<DeviceBuffer> queries;
+  std::vector<kernels::SketchScoreParams> items;
+  std::vector<std::vector<float>> alone, batched;
+  int idx = 0;
+  for (const SketchCfg& c : SketchCfgs()) {
+    sketches.push_back(Fill(*ref_, backend(), c.kind, c.rows, c.width, c.d, 700 + idx));
+    ASSERT_FALSE(HasFailure());
+    const FilledSketch& f = sketches.back();
+    const int group = 1 + idx % 4;
+    queries.push_back(ToDevice(backend(), Encode(RandomNormal(int64_t{group} * c.d, 800 + idx, 0.5f), DType::kF16)));
+    kernels::SketchScoreParams p;
+    p.policy = VaguePolicy::kShrink;
+    p.group = group;
+    p.dtype = DType::kF16;
+    p.scale = 0.125f;
+    p.n = idx == 1 ? 0 : static_cast<int>(f.ids.size());
+    p.ids = f.ids.data();
+    p.buckets = f.buckets.empty() ? nullptr : f.buckets.data();
+    p.sketch = f.dev->s;
+    p.q = queries.back().get();
+    items.push_back(p);
+    ++idx;
+  }
+  alone.resize(items.size());
+  batched.resize(items.size());
+  for (size_t i = 0; i < items.size(); ++i) {
+    alone[i].assign(std::max(items[i].n, 1), 123.0f);
+    batched[i].assign(std::max(items[i].n, 1), 456.0f);
+    kernels::SketchScoreParams p = items[i];
+    p.scores = alone[i].data();
+    dev().SketchScores({&p, 1});
+    items[i].scores = batched[i].data();
+  }
+  dev().SketchScores(items);
+  KVTIER_ASSERT_OK(dev().error());
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (items[i].n == 0) {
+      EXPECT_EQ(batched[i][0], 456.0f) << "an empty item writes nothing";
+      continue;
+    }
+    EXPECT_EQ(batched[i], alone[i]) << "sketch scores, item " << i;
+  }
+
+  // Key-bound scores: three heads of different sizes, one of them empty.
+  const int d = 64;
+  std::vector<DeviceBuffer> bufs;
+  std::vector<kernels::BoundScoreParams> bound_items;
+  std::vector<std::vector<float>> b_alone(3), b_batched(3);
+  for (int i = 0; i < 3; ++i) {
+    const int n = i == 1 ? 0 : 20 + 9 * i, group = 2 + i;
+    bufs.push_back(ToDevice(backend(), Encode(RandomNormal(int64_t{group} * d, 900 + i, 0.5f), DType::kBF16)));
+    const void* q = bufs.back().get();
+    bufs.push_back(ToDevice(backend(), Encode(RandomNormal(int64_t{std::max(n, 1)} * 2 * d, 950 + i, 1.0f),
+                                              DType::kBF16)));
+    kernels::BoundScoreParams p;
+    p.head_dim = d;
+    p.group = group;
+    p.dtype = DType::kBF16;
+    p.scale = 0.125f;
+    p.n = n;
+    p.q = q;
+    p.bounds = bufs.back().get();
+    b_alone[i].assign(std::max(n, 1), 123.0f);
+    b_batched[i].assign(std::max(n, 1), 456.0f);
+    p.scores = b_alone[i].data();
+    dev().BoundScores({&p, 1});
+    p.scores = b_batched[i].data();
+    bound_items.push_back(p);
+  }
+  dev().BoundScores(bound_items);
+  KVTIER_ASSERT_OK(dev().error());
+  for (int i = 0; i < 3; ++i) {
+    if (bound_items[i].n == 0) {
+      EXPECT_EQ(b_batched[i][0], 456.0f) << "an empty item writes nothing";
+      continue;
+    }
+    EXPECT_EQ(b_batched[i], b_alone[i]) << "bound scores, item " << i;
   }
 }
 
@@ -1580,11 +1665,11 @@ TEST(KernelConformanceTolerance, ScoresAdmitPermutedCoordinates) {
       p.sketch = hs;
       p.q = qf.data();
       p.scores = want.data();
-      ref->SketchScores(p);
+      ref->SketchScores({&p, 1});
       p.sketch = ps;
       p.q = qp.data();
       p.scores = got.data();
-      ref->SketchScores(p);
+      ref->SketchScores({&p, 1});
       changed += got != want;
       const std::vector<double> tol = ScoreTolerances(hs, policy, f.ids, f.buckets.data(), qf, group, p.scale);
       CompareFloats(got.data(), want.data(), n, /*bit_exact=*/false, [&](int64_t i) { return tol[i]; },

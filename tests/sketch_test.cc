@@ -438,7 +438,7 @@ TEST_F(SketchTest, ScoresAreMaxLogitOfReconstruction) {
     p.ids = ids.data();
     p.buckets = buckets.empty() ? nullptr : buckets.data();
     p.scores = scores.data();
-    ks->SketchScores(p);
+    ks->SketchScores({&p, 1});
     std::vector<float> kh, vh;
     Estimate(os.s, VaguePolicy::kShrink, ids, buckets, kh, vh);
     for (int i = 0; i < n; ++i) {

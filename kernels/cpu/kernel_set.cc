@@ -33,31 +33,18 @@ class CpuKernelSet final : public KernelSet {
     cpu::SketchEstimateAll(p, workspaces_.local().Floats(2LL * p.sketch.head_dim + 16));
   }
 
-  void SketchScores(const SketchScoreParams& p) override {
-    cpu::SketchScoresAll(p, workspaces_.local().Floats(cpu::SketchWorkspaceFloats(p.sketch, p.group)));
+  // Ranking items are small (a query group against class representatives
+  // or key-bound groups): one after another, not worth a task each.
+  void SketchScores(std::span<const SketchScoreParams> items) override {
+    cpu::Workspace& ws = workspaces_.local();
+    for (const SketchScoreParams& p : items) {
+      cpu::SketchScoresAll(p, ws.Floats(cpu::SketchWorkspaceFloats(p.sketch, p.group)));
+    }
   }
 
-  void BoundScores(const BoundScoreParams& p) override {
-    float* ws = workspaces_.local().Floats(3LL * p.group * p.head_dim + 16);
-    float* q = ws;                               // [group][d]
-    float* lo = ws + p.group * p.head_dim;       // [d]
-    float* hi = lo + p.head_dim;                 // [d]
-    for (int g = 0; g < p.group; ++g) {
-      cpu::LoadF32(cpu::RowPtr(p.q, p.dtype, g, p.head_dim), p.dtype, p.head_dim, q + g * p.head_dim);
-    }
-    for (int32_t i = 0; i < p.n; ++i) {
-      cpu::LoadF32(cpu::RowPtr(p.bounds, p.dtype, 2LL * i, p.head_dim), p.dtype, p.head_dim, lo);
-      cpu::LoadF32(cpu::RowPtr(p.bounds, p.dtype, 2LL * i + 1, p.head_dim), p.dtype, p.head_dim, hi);
-      float best = -INFINITY;
-      for (int g = 0; g < p.group; ++g) {
-        const float* qg = q + g * p.head_dim;
-        float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-        for (int j = 0; j < p.head_dim; ++j) s += std::max(qg[j] * lo[j], qg[j] * hi[j]);
-        best = std::max(best, s);
-      }
-      p.scores[i] = p.scale * best;
-    }
+  void BoundScores(std::span<const BoundScoreParams> items) override {
+    cpu::Workspace& ws = workspaces_.local();
+    for (const BoundScoreParams& p : items) BoundScoresOne(p, ws.Floats(3LL * p.group * p.head_dim + 16));
   }
 
   void CopyRows(std::span<const RowCopyParams> items) override {
@@ -96,6 +83,28 @@ class CpuKernelSet final : public KernelSet {
   }
 
  private:
+  static void BoundScoresOne(const BoundScoreParams& p, float* ws) {
+    float* q = ws;                               // [group][d]
+    float* lo = ws + p.group * p.head_dim;       // [d]
+    float* hi = lo + p.head_dim;                 // [d]
+    for (int g = 0; g < p.group; ++g) {
+      cpu::LoadF32(cpu::RowPtr(p.q, p.dtype, g, p.head_dim), p.dtype, p.head_dim, q + g * p.head_dim);
+    }
+    for (int32_t i = 0; i < p.n; ++i) {
+      cpu::LoadF32(cpu::RowPtr(p.bounds, p.dtype, 2LL * i, p.head_dim), p.dtype, p.head_dim, lo);
+      cpu::LoadF32(cpu::RowPtr(p.bounds, p.dtype, 2LL * i + 1, p.head_dim), p.dtype, p.head_dim, hi);
+      float best = -INFINITY;
+      for (int g = 0; g < p.group; ++g) {
+        const float* qg = q + g * p.head_dim;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int j = 0; j < p.head_dim; ++j) s += std::max(qg[j] * lo[j], qg[j] * hi[j]);
+        best = std::max(best, s);
+      }
+      p.scores[i] = p.scale * best;
+    }
+  }
+
   template <typename F>
   void ForEach(size_t n, const F& f) {
     if (n == 1) {

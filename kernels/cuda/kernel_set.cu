@@ -477,53 +477,86 @@ class CudaKernelSet final : public KernelSet {
     std::memcpy(p.values, pinned_ + at_values, 4LL * p.n * d);
   }
 
-  void SketchScores(const SketchScoreParams& p) override {
-    if (p.n <= 0) return;
+  // Every item's host arrays in one upload, its kernels queued behind it,
+  // every item's scores in one download: one wait for the whole batch.
+  void SketchScores(std::span<const SketchScoreParams> items) override {
+    const size_t n_items = items.size();
     std::lock_guard<std::mutex> lock(mu_);
-    if (!Begin()) return;
-    const int64_t B = static_cast<int64_t>(p.sketch.rows) * p.sketch.width;
+    if (n_items == 0 || !Begin()) return;
     Layout up;
-    const int64_t at_ids = p.ids != nullptr ? up.Add(4LL * p.n) : -1;
-    const int64_t at_buckets = p.buckets != nullptr ? up.Add(4LL * p.n * p.sketch.rows) : -1;
+    std::vector<int64_t> at_ids(n_items, -1), at_buckets(n_items, -1), at_scores(n_items), at_proj(n_items),
+        at_qmu(n_items);
+    for (size_t i = 0; i < n_items; ++i) {
+      const SketchScoreParams& p = items[i];
+      if (p.n <= 0) continue;
+      if (p.ids != nullptr) at_ids[i] = up.Add(4LL * p.n);
+      if (p.buckets != nullptr) at_buckets[i] = up.Add(4LL * p.n * p.sketch.rows);
+    }
     const int64_t uploaded = up.size();
-    const int64_t at_scores = up.Add(4LL * p.n);
-    const int64_t at_proj = up.Add(4LL * p.group * B);
-    const int64_t at_qmu = up.Add(4LL * p.group);
-    if (!Reserve(up.size(), up.size())) return;
-    SketchScoreParams dp = p;
-    if (at_ids >= 0) dp.ids = Stage<uint32_t>(at_ids, p.ids, p.n);
-    if (at_buckets >= 0) dp.buckets = Stage<uint32_t>(at_buckets, p.buckets, int64_t{p.n} * p.sketch.rows);
+    for (size_t i = 0; i < n_items; ++i) at_scores[i] = up.Add(4LL * std::max(items[i].n, 0));
+    const int64_t scores_end = up.size();
+    for (size_t i = 0; i < n_items; ++i) {
+      const SketchScoreParams& p = items[i];
+      if (p.n <= 0) continue;
+      at_proj[i] = up.Add(4LL * p.group * p.sketch.rows * p.sketch.width);
+      at_qmu[i] = up.Add(4LL * p.group);
+    }
+    if (scores_end == uploaded || !Reserve(up.size(), up.size())) return;
+    std::vector<SketchScoreParams> dev(items.begin(), items.end());
+    for (size_t i = 0; i < n_items; ++i) {
+      if (items[i].n <= 0) continue;
+      if (at_ids[i] >= 0) dev[i].ids = Stage<uint32_t>(at_ids[i], items[i].ids, items[i].n);
+      if (at_buckets[i] >= 0) {
+        dev[i].buckets = Stage<uint32_t>(at_buckets[i], items[i].buckets, int64_t{items[i].n} * items[i].sketch.rows);
+      }
+    }
     if (uploaded > 0 &&
         !Check(cudaMemcpyAsync(dev_, pinned_, uploaded, cudaMemcpyHostToDevice, stream_), "sketch scores: upload"))
       return;
-    float* proj = reinterpret_cast<float*>(dev_ + at_proj);
-    float* qmu = reinterpret_cast<float*>(dev_ + at_qmu);
-    float* scores = reinterpret_cast<float*>(dev_ + at_scores);
-    const int proj_blocks = static_cast<int>(std::clamp<int64_t>((B + 3) / 4, 1, 1024));
-    KVTIER_LAUNCH(proj_blocks, kThreads, 0, stream_, ScoreProjKernel)(dp, proj, qmu);
-    KVTIER_LAUNCH((p.n + kThreads - 1) / kThreads, kThreads, 0, stream_, ScoreTokensKernel)(dp, proj, qmu, scores);
-    if (!Check(cudaGetLastError(), "sketch scores")) return;
-    if (!Check(cudaMemcpyAsync(pinned_ + at_scores, scores, 4LL * p.n, cudaMemcpyDeviceToHost, stream_),
+    for (size_t i = 0; i < n_items; ++i) {
+      const SketchScoreParams& dp = dev[i];
+      if (dp.n <= 0) continue;
+      const int64_t B = static_cast<int64_t>(dp.sketch.rows) * dp.sketch.width;
+      float* proj = reinterpret_cast<float*>(dev_ + at_proj[i]);
+      float* qmu = reinterpret_cast<float*>(dev_ + at_qmu[i]);
+      float* scores = reinterpret_cast<float*>(dev_ + at_scores[i]);
+      const int proj_blocks = static_cast<int>(std::clamp<int64_t>((B + 3) / 4, 1, 1024));
+      KVTIER_LAUNCH(proj_blocks, kThreads, 0, stream_, ScoreProjKernel)(dp, proj, qmu);
+      KVTIER_LAUNCH((dp.n + kThreads - 1) / kThreads, kThreads, 0, stream_, ScoreTokensKernel)(dp, proj, qmu, scores);
+      if (!Check(cudaGetLastError(), "sketch scores")) return;
+    }
+    if (!Check(cudaMemcpyAsync(pinned_ + uploaded, dev_ + uploaded, scores_end - uploaded, cudaMemcpyDeviceToHost,
+                               stream_),
                "sketch scores: download"))
       return;
     if (!Finish("sketch scores")) return;
-    std::memcpy(p.scores, pinned_ + at_scores, 4LL * p.n);
+    for (size_t i = 0; i < n_items; ++i) {
+      if (items[i].n > 0) std::memcpy(items[i].scores, pinned_ + at_scores[i], 4LL * items[i].n);
+    }
   }
 
-  void BoundScores(const BoundScoreParams& p) override {
-    if (p.n <= 0) return;
+  void BoundScores(std::span<const BoundScoreParams> items) override {
+    const size_t n_items = items.size();
     std::lock_guard<std::mutex> lock(mu_);
-    if (!Begin()) return;
-    if (!Reserve(Align(4LL * p.n), Align(4LL * p.n))) return;
-    float* scores = reinterpret_cast<float*>(dev_);
-    const int64_t threads = int64_t{p.n} * kWarp;
-    const unsigned blocks = static_cast<unsigned>((threads + kThreads - 1) / kThreads);
-    KVTIER_LAUNCH(blocks, kThreads, 0, stream_, BoundScoresKernel)(p, scores);
-    if (!Check(cudaGetLastError(), "bound scores")) return;
-    if (!Check(cudaMemcpyAsync(pinned_, scores, 4LL * p.n, cudaMemcpyDeviceToHost, stream_), "bound scores: download"))
+    if (n_items == 0 || !Begin()) return;
+    Layout up;
+    std::vector<int64_t> at_scores(n_items);
+    for (size_t i = 0; i < n_items; ++i) at_scores[i] = up.Add(4LL * std::max(items[i].n, 0));
+    if (up.size() == 0 || !Reserve(up.size(), up.size())) return;
+    for (size_t i = 0; i < n_items; ++i) {
+      const BoundScoreParams& p = items[i];
+      if (p.n <= 0) continue;
+      const int64_t threads = int64_t{p.n} * kWarp;
+      const unsigned blocks = static_cast<unsigned>((threads + kThreads - 1) / kThreads);
+      KVTIER_LAUNCH(blocks, kThreads, 0, stream_, BoundScoresKernel)(p, reinterpret_cast<float*>(dev_ + at_scores[i]));
+      if (!Check(cudaGetLastError(), "bound scores")) return;
+    }
+    if (!Check(cudaMemcpyAsync(pinned_, dev_, up.size(), cudaMemcpyDeviceToHost, stream_), "bound scores: download"))
       return;
     if (!Finish("bound scores")) return;
-    std::memcpy(p.scores, pinned_, 4LL * p.n);
+    for (size_t i = 0; i < n_items; ++i) {
+      if (items[i].n > 0) std::memcpy(items[i].scores, pinned_ + at_scores[i], 4LL * items[i].n);
+    }
   }
 
   void CopyRows(std::span<const RowCopyParams> items) override {

@@ -836,9 +836,15 @@ absl::StatusOr<int> HeadCache::Recall(std::span<const int64_t> positions) {
   return installed;
 }
 
-absl::StatusOr<std::vector<int64_t>> HeadCache::Rank(RecallProxy proxy, const void* q_group, int count) const {
-  std::vector<int64_t> out;
-  if (proxy == RecallProxy::kNone || count <= 0) return out;
+absl::Status HeadCache::RankPrepare(RecallProxy proxy, const void* q_group, int count, RankWork& w) const {
+  w.proxy = proxy;
+  w.count = count;
+  w.out.clear();
+  w.ids.clear();
+  w.classes.clear();
+  w.sketch_call = w.bound_call = false;
+  w.done = true;
+  if (proxy == RecallProxy::kNone || count <= 0) return absl::OkStatus();
   if (proxy == RecallProxy::kSketch && !HasSketch()) {
     return absl::FailedPreconditionError("ranking vague tokens by sketch score needs a sketch (sketch_kind none)");
   }
@@ -851,27 +857,43 @@ absl::StatusOr<std::vector<int64_t>> HeadCache::Rank(RecallProxy proxy, const vo
     for (uint32_t c = 0; c < class_count_.size(); ++c) {
       if (class_count_[c] == 0) continue;
       class_order_[c].ForEachDescending([&](uint32_t pos) {
-        if (!in_flight_[pos]) out.push_back(pos);
-        return static_cast<int>(out.size()) < count;
+        if (!in_flight_[pos]) w.out.push_back(pos);
+        return static_cast<int>(w.out.size()) < count;
       });
-      if (static_cast<int>(out.size()) == count) break;
+      if (static_cast<int>(w.out.size()) == count) break;
     }
-    return out;
+    return absl::OkStatus();
   }
   const ModelShape& sh = ctx_.options->shape;
-  // Sketch scores (the estimated logit) of tokens `ids`.
-  auto score_tokens = [&](const std::vector<uint32_t>& ids) {
-    const int64_t n = static_cast<int64_t>(ids.size());
-    std::vector<uint32_t> buckets;
+  // The sketch scores (the estimated logit) of w.ids: one member per class,
+  // or, without classes, every vague token not in flight.
+  if (by_class_) {
+    for (uint32_t c = 0; c < class_members_.size(); ++c) {
+      if (class_members_[c].empty()) continue;
+      w.ids.push_back(class_members_[c][0]);
+      w.classes.push_back(c);
+    }
+  } else {
+    for (uint32_t pos : vague_) {
+      if (!in_flight_[pos]) w.ids.push_back(pos);
+    }
+    if (w.ids.empty()) return absl::OkStatus();
+  }
+  w.done = false;
+  const int64_t n = static_cast<int64_t>(w.ids.size());
+  w.sketch_call = HasSketch() && n > 0;
+  if (w.sketch_call) {
+    w.buckets.clear();
     if (sketch_.kind == SketchKind::kCentroid) {
-      buckets.resize(n * sketch_.rows);
+      w.buckets.resize(n * sketch_.rows);
       for (int64_t i = 0; i < n; ++i) {
-        std::copy_n(buckets_.begin() + static_cast<int64_t>(ordinal_[ids[i]]) * sketch_.rows, sketch_.rows,
-                    buckets.begin() + i * sketch_.rows);
+        std::copy_n(buckets_.begin() + static_cast<int64_t>(ordinal_[w.ids[i]]) * sketch_.rows, sketch_.rows,
+                    w.buckets.begin() + i * sketch_.rows);
       }
     }
-    std::vector<float> scores(n);
-    kernels::SketchScoreParams p;
+    w.scores.resize(n);
+    kernels::SketchScoreParams& p = w.sketch;
+    p = kernels::SketchScoreParams{};
     p.sketch = sketch_;
     p.policy = ctx_.options->vague_policy;
     p.group = sh.group();
@@ -879,27 +901,41 @@ absl::StatusOr<std::vector<int64_t>> HeadCache::Rank(RecallProxy proxy, const vo
     p.scale = 1.0f;  // ranking is invariant to the logit scale
     p.q = q_group;
     p.n = static_cast<int32_t>(n);
-    p.ids = ids.data();
-    p.buckets = buckets.empty() ? nullptr : buckets.data();
-    p.scores = scores.data();
-    ctx_.backend->kernels().SketchScores(p);
-    return scores;
-  };
-  // Per class: one member scores for all, then members in class order.
+    p.ids = w.ids.data();
+    p.buckets = w.buckets.empty() ? nullptr : w.buckets.data();
+    p.scores = w.scores.data();
+  }
+  // Key bounds: a score for every group written so far.
+  w.bound_call = proxy == RecallProxy::kBlockBounds;
+  if (w.bound_call) {
+    const int64_t S = ctx_.plan->summary_tokens;
+    const int64_t groups = (static_cast<int64_t>(next_ordinal_) + S - 1) / S;
+    w.group_scores.resize(groups);
+    kernels::BoundScoreParams& bp = w.bounds;
+    bp = kernels::BoundScoreParams{};
+    bp.head_dim = sh.head_dim;
+    bp.group = sh.group();
+    bp.dtype = sh.dtype;
+    bp.scale = 1.0f;
+    bp.q = q_group;
+    bp.bounds = bounds_dev_;
+    bp.n = static_cast<int32_t>(groups);
+    bp.scores = w.group_scores.data();
+  }
+  return absl::OkStatus();
+}
+
+std::vector<int64_t> HeadCache::RankFinish(RankWork& w) const {
+  std::vector<int64_t> out = std::move(w.out);
+  if (w.done) return out;
+  const int count = w.count;
+  // Per class: the representative's score stands for all its members.
   std::vector<float> class_score;
   if (by_class_) {
-    std::vector<uint32_t> reps;
-    std::vector<uint32_t> rep_class;
-    for (uint32_t c = 0; c < class_members_.size(); ++c) {
-      if (class_members_[c].empty()) continue;
-      reps.push_back(class_members_[c][0]);
-      rep_class.push_back(c);
-    }
-    const std::vector<float> s = score_tokens(reps);
     class_score.assign(class_members_.size(), -INFINITY);
-    for (size_t i = 0; i < reps.size(); ++i) class_score[rep_class[i]] = s[i];
+    for (size_t i = 0; i < w.classes.size(); ++i) class_score[w.classes[i]] = w.scores[i];
   }
-  if (proxy == RecallProxy::kSketch && by_class_) {
+  if (w.proxy == RecallProxy::kSketch && by_class_) {
     std::vector<uint32_t> classes;
     for (uint32_t c = 0; c < class_members_.size(); ++c) {
       if (!class_members_[c].empty()) classes.push_back(c);
@@ -923,14 +959,19 @@ absl::StatusOr<std::vector<int64_t>> HeadCache::Rank(RecallProxy proxy, const vo
     }
     return out;
   }
-  std::vector<uint32_t> ids;  // vague tokens not in flight
-  for (uint32_t pos : vague_) {
-    if (!in_flight_[pos]) ids.push_back(pos);
+  // Without classes, w.ids are the vague tokens not in flight; with classes,
+  // gather them now.
+  std::vector<uint32_t> class_ids;
+  if (by_class_) {
+    for (uint32_t pos : vague_) {
+      if (!in_flight_[pos]) class_ids.push_back(pos);
+    }
   }
+  const std::vector<uint32_t>& ids = by_class_ ? class_ids : w.ids;
   const int64_t n = static_cast<int64_t>(ids.size());
   if (n == 0) return out;
-  if (proxy == RecallProxy::kSketch) {
-    const std::vector<float> scores = score_tokens(ids);
+  if (w.proxy == RecallProxy::kSketch) {
+    const std::vector<float>& scores = w.scores;
     std::vector<int64_t> order(n);
     std::iota(order.begin(), order.end(), 0);
     const int64_t k = std::min<int64_t>(count, n);
@@ -940,28 +981,16 @@ absl::StatusOr<std::vector<int64_t>> HeadCache::Rank(RecallProxy proxy, const vo
     for (int64_t i = 0; i < k; ++i) out.push_back(ids[order[i]]);
     return out;
   }
-  // Key bounds: score every group written so far, take the vague tokens of
-  // the best groups.
+  // Key bounds: the vague tokens of the best groups. Within a group (when the
+  // recall budget ends inside one), the sketch's order, else the most recent first.
   const int64_t S = ctx_.plan->summary_tokens;
-  const int64_t groups = (static_cast<int64_t>(next_ordinal_) + S - 1) / S;
-  std::vector<float> scores(groups);
-  kernels::BoundScoreParams bp;
-  bp.head_dim = sh.head_dim;
-  bp.group = sh.group();
-  bp.dtype = sh.dtype;
-  bp.scale = 1.0f;
-  bp.q = q_group;
-  bp.bounds = bounds_dev_;
-  bp.n = static_cast<int32_t>(groups);
-  bp.scores = scores.data();
-  ctx_.backend->kernels().BoundScores(bp);
-  // Within a group (when the recall budget ends inside one), the sketch's
-  // order, else the most recent first.
+  const int64_t groups = static_cast<int64_t>(w.group_scores.size());
+  const std::vector<float>& scores = w.group_scores;
   std::vector<float> token_scores(n, 0.0f);
   if (by_class_) {
     for (int64_t i = 0; i < n; ++i) token_scores[i] = class_score[class_of_[ids[i]]];
   } else if (HasSketch()) {
-    token_scores = score_tokens(ids);
+    token_scores = w.scores;
   }
   std::vector<std::vector<std::pair<float, uint32_t>>> members(groups);
   for (int64_t i = 0; i < n; ++i) members[ordinal_[ids[i]] / S].emplace_back(token_scores[i], ids[i]);
@@ -979,6 +1008,16 @@ absl::StatusOr<std::vector<int64_t>> HeadCache::Rank(RecallProxy proxy, const vo
     }
   }
   return out;
+}
+
+absl::StatusOr<std::vector<int64_t>> HeadCache::Rank(RecallProxy proxy, const void* q_group, int count) const {
+  RankWork w;
+  if (absl::Status st = RankPrepare(proxy, q_group, count, w); !st.ok()) return st;
+  kernels::KernelSet& kernels = ctx_.backend->kernels();
+  if (w.sketch_call) kernels.SketchScores({&w.sketch, 1});
+  if (w.bound_call) kernels.BoundScores({&w.bounds, 1});
+  if (absl::Status st = kernels.error(); !st.ok()) return st;
+  return RankFinish(w);
 }
 
 // ---------------------------------------------------------------- Introspection

@@ -138,6 +138,24 @@ class HeadCache {
   // The `count` vague tokens not in flight that `proxy` ranks highest for
   // the query group, best first.
   absl::StatusOr<std::vector<int64_t>> Rank(RecallProxy proxy, const void* q_group, int count) const;
+  // Rank in three steps, so that a batch of heads shares the kernel calls:
+  // RankPrepare fills this head's kernel parameters (none in plan-only
+  // runs), the caller runs SketchScores on every `sketch` whose sketch_call
+  // is set and BoundScores on every `bounds` whose bound_call is set, then
+  // RankFinish selects. Nothing may change the head in between.
+  struct RankWork {
+    RecallProxy proxy = RecallProxy::kNone;
+    int count = 0;
+    bool done = true;  // `out` is the answer; no kernel is needed
+    bool sketch_call = false, bound_call = false;
+    kernels::SketchScoreParams sketch;
+    kernels::BoundScoreParams bounds;
+    std::vector<int64_t> out;
+    std::vector<uint32_t> ids, classes, buckets;  // scored tokens, their classes (by_class_), centroid buckets
+    std::vector<float> scores, group_scores;      // the kernels' outputs
+  };
+  absl::Status RankPrepare(RecallProxy proxy, const void* q_group, int count, RankWork& w) const;
+  std::vector<int64_t> RankFinish(RankWork& w) const;
   int64_t pending_tokens() const;
 
   // ---- Introspection ----

@@ -191,6 +191,21 @@ class Runtime::Impl {
     return counts;
   }
 
+  // The ranking kernels of prepared heads (HeadCache::RankPrepare): one
+  // call per kind for all of them.
+  absl::Status RankScores(std::span<HeadCache::RankWork> work) {
+    std::vector<kernels::SketchScoreParams> sketch;
+    std::vector<kernels::BoundScoreParams> bounds;
+    for (const HeadCache::RankWork& w : work) {
+      if (w.sketch_call) sketch.push_back(w.sketch);
+      if (w.bound_call) bounds.push_back(w.bounds);
+    }
+    kernels::KernelSet& k = backend->kernels();
+    if (!sketch.empty()) k.SketchScores(sketch);
+    if (!bounds.empty()) k.BoundScores(bounds);
+    return k.error();
+  }
+
   absl::Status CheckAttendable(Sequence& s, int layer) const {
     if (Head(s, layer, 0).length() == 0) {
       return absl::FailedPreconditionError(
@@ -537,15 +552,26 @@ absl::StatusOr<AttendCounts> Runtime::AttendBatch(int layer, absl::Span<const At
     if (!c.ok()) return c.status();
     total += *c;
   }
-  // Ask for what this step's query ranks highest, for the next step.
+  // Ask for what this step's query ranks highest, for the next step: every
+  // head's ranking scores in one call per kind, then each head's selection.
   if (I.plan.recall_tokens > 0) {
+    thread_local std::vector<HeadCache::RankWork> work;  // reused: calls may run on several threads at once
+    work.resize(items.size() * H);
+    for (size_t i = 0; i < items.size(); ++i) {
+      for (int h = 0; h < H; ++h) {
+        if (absl::Status st = I.Head(*held[i].seq, layer, h)
+                                  .RankPrepare(I.options.recall_proxy, I.QueryGroup(items[i].q, h),  // q unused plan-only
+                                               I.plan.recall_tokens, work[i * H + h]);
+            !st.ok())
+          return st;
+      }
+    }
+    if (absl::Status st = I.RankScores({work.data(), items.size() * H}); !st.ok()) return st;
     for (size_t i = 0; i < items.size(); ++i) {
       for (int h = 0; h < H; ++h) {
         HeadCache& head = I.Head(*held[i].seq, layer, h);
-        absl::StatusOr<std::vector<int64_t>> top =
-            head.Rank(I.options.recall_proxy, I.QueryGroup(items[i].q, h), I.plan.recall_tokens);  // q unused plan-only
-        if (!top.ok()) return top.status();
-        if (absl::StatusOr<int> n = head.RequestRecall(*top, /*make_room=*/false); !n.ok()) return n.status();
+        const std::vector<int64_t> top = head.RankFinish(work[i * H + h]);
+        if (absl::StatusOr<int> n = head.RequestRecall(top, /*make_room=*/false); !n.ok()) return n.status();
       }
     }
   }

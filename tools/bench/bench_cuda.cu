@@ -826,7 +826,7 @@ void PartSketch(const Flags& fl, Backend& b) {
   sp.ids = sids.data();
   sp.buckets = sbuckets.data();
   sp.scores = scores.data();
-  const double t_scores = TimeDeviceSpan(fl, 4, [&] { b.kernels().SketchScores(sp); });
+  const double t_scores = TimeDeviceSpan(fl, 4, [&] { b.kernels().SketchScores({&sp, 1}); });
   int64_t nonfinite = 0;
   for (float s : scores) nonfinite += !std::isfinite(s);
   std::printf("\n## e. Sketch kernels (centroid, rows 1, width %d, head_dim %d, bf16)\n\n", kSketchWidth, kHeadDim);

@@ -27,8 +27,10 @@ class KernelSet {
   // Sketch inserts/removes; items must touch distinct sketches.
   virtual void SketchUpdate(std::span<const SketchUpdateParams> items) = 0;
   virtual void SketchEstimate(const SketchEstimateParams& p) = 0;
-  virtual void SketchScores(const SketchScoreParams& p) = 0;
-  virtual void BoundScores(const BoundScoreParams& p) = 0;
+  // Recall-ranking scores, one item per head being ranked: a batch of heads
+  // shares one call (on a GPU, one wait for all of them).
+  virtual void SketchScores(std::span<const SketchScoreParams> items) = 0;
+  virtual void BoundScores(std::span<const BoundScoreParams> items) = 0;
   virtual void CopyRows(std::span<const RowCopyParams> items) = 0;
   // Elements of data[0, n) that are NaN or infinite. data is [device].
   virtual int64_t CountNonFinite(const void* data, int64_t n, DType dtype) = 0;
