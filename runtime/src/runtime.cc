@@ -602,13 +602,21 @@ absl::StatusOr<int64_t> Runtime::RecallTop(SequenceId id, int layer, const void*
   if (absl::Status st = I.CheckQuery(q); !st.ok()) return st;
   absl::StatusOr<Impl::Locked> locked = I.Acquire(id);
   if (!locked.ok()) return locked.status();
+  const int H = I.options.shape.kv_heads;
+  std::vector<HeadCache::RankWork> work(H);
+  for (int h = 0; h < H; ++h) {
+    if (absl::Status st = I.Head(*locked->seq, layer, h).RankPrepare(I.RankingProxy(), I.QueryGroup(q, h), per_head,
+                                                                     work[h]);
+        !st.ok())
+      return st;
+  }
+  if (absl::Status st = I.RankScores(work); !st.ok()) return st;
   int64_t total = 0;
-  for (int h = 0; h < I.options.shape.kv_heads; ++h) {
+  for (int h = 0; h < H; ++h) {
     HeadCache& head = I.Head(*locked->seq, layer, h);
-    absl::StatusOr<std::vector<int64_t>> top = head.Rank(I.RankingProxy(), I.QueryGroup(q, h), per_head);
-    if (!top.ok()) return top.status();
-    if (top->empty()) continue;
-    absl::StatusOr<int> n = head.Recall(*top);
+    const std::vector<int64_t> top = head.RankFinish(work[h]);
+    if (top.empty()) continue;
+    absl::StatusOr<int> n = head.Recall(top);
     if (!n.ok()) return n.status();
     total += *n;
   }
