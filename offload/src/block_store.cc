@@ -495,7 +495,7 @@ std::shared_ptr<Transfer> BlockStore::Gather(std::vector<GatherPart> parts) {
       const Ref ref = parts[i].block;
       if (ref >= s.blocks.size() || !s.blocks[ref].live || s.blocks[ref].deleted) {
         finished.emplace_back(i, absl::FailedPreconditionError(
-                                   absl::StrFormat("block store: gather from block %d, which does not exist", ref)));
+                                     absl::StrFormat("block store: gather from block %d, which does not exist", ref)));
         continue;
       }
       State::Block& b = s.blocks[ref];
