@@ -9,7 +9,20 @@
 #include <string_view>
 #include <utility>
 
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
+
 namespace kvtier::cli {
+
+// --help lists the flags defined in the tools' own sources (tools/kvtier_*.cc).
+// Abseil's default looks for a source named like the binary, and the
+// binaries' dashes (kvtier-replay) never match the files' underscores.
+inline void ListOwnFlagsInHelp() {
+  absl::FlagsUsageConfig config;
+  config.contains_help_flags = [](absl::string_view file) { return absl::StrContains(file, "tools/kvtier_"); };
+  config.contains_helpshort_flags = config.contains_help_flags;
+  absl::SetFlagsUsageConfig(config);
+}
 
 // vLLM-style --dashed-flags: rewrites each "--a-b=c" to "--a_b=c" in place
 // (the value after '=' is left alone), so absl flags accept both spellings.

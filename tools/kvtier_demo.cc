@@ -322,6 +322,7 @@ int main(int argc, char** argv) {
       "Usage: kvtier-demo [--context N] [--decode N] [--budget F] [--sketch KIND] [--policy P] [--recall N]\n"
       "                   [--proxy P] [--wait_us N] [--host_bytes N] [--nvme_dir DIR --nvme_bytes N]\n"
       "                   [--backend cpu|cuda|auto]");
+  kvtier::cli::ListOwnFlagsInHelp();
   absl::ParseCommandLine(argc, argv);
   return kvtier::Run();
 }

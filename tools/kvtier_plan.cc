@@ -114,6 +114,7 @@ int main(int argc, char** argv) {
       "         [--nvme-bytes N] [--device-budget 10%] [--contexts 4096,32768 | --trace FILE]\n"
       "         [--json FILE] [--svg FILE] ...\n"
       "Flags accept dashes or underscores. See docs/replay.md.");
+  kvtier::cli::ListOwnFlagsInHelp();
   absl::ParseCommandLine(argc, argv);
   return Run();
 }

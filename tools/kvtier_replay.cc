@@ -217,6 +217,7 @@ int main(int argc, char** argv) {
       "         [--max-requests N] [--time-scale X] [--max-seqs N] [--json FILE] [--csv FILE] ...\n"
       "       kvtier-replay --calibrate [--nvme-dir DIR] [--model NAME] > my.profile\n"
       "Flags accept dashes or underscores (--device-budget = --device_budget). See docs/replay.md.");
+  kvtier::cli::ListOwnFlagsInHelp();
   absl::ParseCommandLine(argc, argv);
   return Run();
 }
