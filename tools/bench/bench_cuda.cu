@@ -281,6 +281,22 @@ __global__ void FillRandomF32(float* p, int64_t n, uint32_t seed, float lo, floa
 
 constexpr dim3 kFillGrid(1024), kFillBlock(256);
 
+// Exits unless dst holds the `n` blocks of `order_dev` (iota source): counts
+// wrong words into `errors` (device) on `s` and waits for the count.
+void CheckGather(const char* what, const void* dst, const int32_t* order_dev, int64_t n, int64_t block,
+                 unsigned long long* errors, cudaStream_t s) {
+  CK(cudaMemsetAsync(errors, 0, sizeof(*errors), s));
+  CountGatherErrors<<<kFillGrid, kFillBlock, 0, s>>>(static_cast<const uint32_t*>(dst), order_dev, n, block / 4, errors);
+  CK_LAUNCH();
+  unsigned long long bad = 0;
+  CK(cudaMemcpyAsync(&bad, errors, sizeof(bad), cudaMemcpyDeviceToHost, s));
+  CK(cudaStreamSynchronize(s));
+  if (bad) {
+    std::fprintf(stderr, "bench_cuda: %s of %" PRId64 " KiB blocks wrote %llu wrong words\n", what, block / kKiB, bad);
+    std::exit(1);
+  }
+}
+
 // ---- device ----
 
 struct Device {
@@ -346,17 +362,7 @@ void PartGather(const Flags& fl) {
 
     CK(cudaMemsetAsync(dst, 0xff, total, s));  // poisoned: the check sees only what the gather wrote
     const double gather_ms = TimeOnStream(fl, s, [&] { LaunchGather(dst, src, order_dev, n, block, s); });
-    CK(cudaMemsetAsync(errors, 0, sizeof(*errors), s));
-    CountGatherErrors<<<kFillGrid, kFillBlock, 0, s>>>(static_cast<const uint32_t*>(dst), order_dev, n, block / 4,
-                                                       errors);
-    CK_LAUNCH();
-    unsigned long long bad = 0;
-    CK(cudaMemcpyAsync(&bad, errors, sizeof(bad), cudaMemcpyDeviceToHost, s));
-    CK(cudaStreamSynchronize(s));
-    if (bad) {
-      std::fprintf(stderr, "bench_cuda: gather of %" PRId64 " KiB blocks wrote %llu wrong words\n", block / kKiB, bad);
-      std::exit(1);
-    }
+    CheckGather("gather", dst, order_dev, n, block, errors, s);
     const double memcpy_ms =
         TimeOnStream(fl, s, [&] { CK(cudaMemcpyAsync(dst, src, total, cudaMemcpyDeviceToDevice, s)); });
     const double ratio = memcpy_ms / gather_ms;
@@ -413,17 +419,7 @@ void PartRecall(const Flags& fl) {
   unsigned long long* errors = nullptr;
   CK(cudaMalloc(&errors, sizeof(*errors)));
   auto check = [&](const char* what, const int32_t* order_dev, int64_t n, int64_t block) {
-    CK(cudaMemsetAsync(errors, 0, sizeof(*errors), s));
-    CountGatherErrors<<<kFillGrid, kFillBlock, 0, s>>>(static_cast<const uint32_t*>(dst), order_dev, n, block / 4,
-                                                       errors);
-    CK_LAUNCH();
-    unsigned long long bad = 0;
-    CK(cudaMemcpyAsync(&bad, errors, sizeof(bad), cudaMemcpyDeviceToHost, s));
-    CK(cudaStreamSynchronize(s));
-    if (bad) {
-      std::fprintf(stderr, "bench_cuda: %s of %" PRId64 " KiB blocks wrote %llu wrong words\n", what, block / kKiB, bad);
-      std::exit(1);
-    }
+    CheckGather(what, dst, order_dev, n, block, errors, s);
     CK(cudaMemsetAsync(dst, 0xff, total, s));
   };
   std::mt19937_64 rng(2);
