@@ -24,6 +24,7 @@ PlanOptions SmallPlan() {
   o.profile.nvme_bytes = 96 << 20;
   o.device_budget_fraction = 0.10;
   o.contexts = {600, 1000, 2000, 3000};
+  o.decode_tokens = 8;  // as Uniform's requests
   return o;
 }
 

@@ -66,6 +66,43 @@ TEST(AsyncRecall, AttendIsExactOnceTheRecalledTokensArrived) {
   KVTIER_EXPECT_OK((*rt)->CheckInvariants());
 }
 
+// Automatic recall ranked by key bounds with a fixed query: once staging
+// holds tokens of the best groups, the vague tokens left rank no higher
+// (the same groups or lower ones) and no step trades them; tokens appended
+// with zero keys (their groups' bounds score 0, below any group of random
+// keys) never displace them either.
+TEST(AsyncRecall, PrefetchDoesNotTradeTokensTheProxyRanksAlike) {
+  Options o = RecallOptions();
+  o.candidate_tokens = 0;  // tokens leaving the ring go straight to the vague set
+  o.staging_tokens = 8;
+  o.recall_tokens = 8;
+  o.recall_proxy = RecallProxy::kBlockBounds;
+  auto rt = Runtime::Create(o);
+  ASSERT_TRUE(rt.ok()) << rt.status();
+  KVTIER_ASSERT_OK((*rt)->AddSequence(1));
+  const int n = 200, H = 2, d = 64;
+  KVTIER_ASSERT_OK((*rt)->Append(1, 0, RandomNormal(n * H * d, 1).data(), RandomNormal(n * H * d, 2).data(), n));
+  const std::vector<float> q = RandomNormal(4 * d, 3);
+  std::vector<float> out(4 * d);
+  const std::vector<float> zero_key(H * d, 0.0f);
+  auto step = [&](int i) {
+    KVTIER_ASSERT_OK((*rt)->Append(1, 0, zero_key.data(), RandomNormal(H * d, 100 + i).data(), 1));
+    ASSERT_TRUE((*rt)->Attend(1, 0, q.data(), out.data()).ok());
+  };
+  step(0);
+  EXPECT_EQ((*rt)->Stats().recall.requested, H * 8);  // the free staging slots
+  // The ring's random tokens leave it in the first 16 steps, into groups
+  // that may rank higher; then only zero keys leave.
+  for (int i = 1; i < 60; ++i) step(i);
+  const int64_t settled = (*rt)->Stats().recall.requested;
+  for (int i = 60; i < 120; ++i) step(i);
+  const RuntimeStats st = (*rt)->Stats();
+  EXPECT_EQ(st.recall.requested, settled) << "tokens the proxy ranks alike traded places";
+  EXPECT_EQ(st.regions.recalled, H * 8);
+  EXPECT_EQ(st.recall.failed, 0);
+  KVTIER_EXPECT_OK((*rt)->CheckInvariants());
+}
+
 // Requests evicted before any attend used them are wasted prefetches.
 TEST(AsyncRecall, TokensEvictedBeforeUseCountAsWasted) {
   Options o = RecallOptions();

@@ -31,6 +31,10 @@ ABSL_FLAG(std::string, proxy, std::string(kvtier::RecallProxyName(kvtier::Option
           "recall ranking: sketch | block-bounds | none (default: the library's)");
 ABSL_FLAG(int, block_size, 0, "tokens per host-tier block (0: the runtime's default)");
 ABSL_FLAG(int, max_seqs, 0, "sequence-slot cap (0: none)");
+ABSL_FLAG(int64_t, decode_tokens, 0,
+          "output tokens of the one-sequence replay that measures recall traffic (0: the trace's median output, "
+          "else 128)");
+ABSL_FLAG(uint64_t, seed, 1, "seed of the content model of that replay");
 ABSL_FLAG(std::string, json, "", "write the plan as JSON to this file");
 ABSL_FLAG(std::string, svg, "", "write a plot of sequences vs context length (SVG) to this file");
 
@@ -85,6 +89,7 @@ int Run() {
     if (!trace.ok()) return Fail(std::string(trace.status().message()));
     if (trace->requests.empty()) return Fail("the trace holds no requests");
     o.contexts = TraceContexts(*trace, scale);
+    o.decode_tokens = std::max<int64_t>(1, TraceDecodeTokens(*trace, scale));
   } else {
     for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_contexts), ',', absl::SkipWhitespace())) {
       int64_t c;
@@ -93,6 +98,10 @@ int Run() {
       o.contexts.push_back(c);
     }
   }
+  if (absl::GetFlag(FLAGS_decode_tokens) < 0)
+    return Fail("--decode-tokens must be >= 0, got " + std::to_string(absl::GetFlag(FLAGS_decode_tokens)));
+  if (absl::GetFlag(FLAGS_decode_tokens) > 0) o.decode_tokens = absl::GetFlag(FLAGS_decode_tokens);
+  o.seed = absl::GetFlag(FLAGS_seed);
   absl::StatusOr<PlanResult> r = RunPlan(o);
   if (!r.ok()) return Fail(std::string(r.status().message()));
   std::printf("%s", PlanTable(*r, o).c_str());

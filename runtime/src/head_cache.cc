@@ -4,6 +4,7 @@
 #include <bit>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 
 #include "absl/strings/str_format.h"
@@ -74,6 +75,7 @@ HeadCache::HeadCache(const HeadContext& ctx, char* chunk, int layer, int kv_head
   if (plan_only_) {
     class_count_.assign(kWeightClasses, 0);
     class_order_.resize(kWeightClasses);
+    staged_class_count_.assign(kWeightClasses, 0);
     slot_weight_.assign(plan.slots(), 0.0f);
   } else if (by_class_) {
     class_members_.resize(sketch_.kind == SketchKind::kCountSketch ? 2 * sketch_.width : sketch_.width);
@@ -164,14 +166,22 @@ void HeadCache::PlanAppend(int64_t n, const AppendSource& src, AppendPlan& plan)
       // A decode step: the one token leaving the ring and the worst
       // candidate compete for a slot (what the general case below decides
       // for a pool of candidates_ + 1, without building the pool).
-      // The lowest (score, position) as one packed key (see below), a
-      // reduction without branches or a loop-carried load.
-      uint64_t low = ~uint64_t{0};
-      for (int32_t slot = CandidateSlot(0); slot < CandidateSlot(n_candidates_); ++slot) {
-        low = std::min(low, uint64_t{std::bit_cast<uint32_t>(slot_score_[slot] + 0.0f)} << 32 |
-                                static_cast<uint32_t>(slot_pos_[slot]));
+      // The lowest (score, position): the lowest score's bits (scores are
+      // >= 0, + 0.0f turns a -0 into +0, so the bits order as the floats
+      // do), then the lowest position with it. Two passes that vectorise,
+      // without branches or a loop-carried load.
+      const float* score = slot_score_.data() + CandidateSlot(0);
+      const int32_t* pos = slot_pos_.data() + CandidateSlot(0);
+      uint32_t low = ~0u;
+      for (int32_t i = 0; i < n_candidates_; ++i) low = std::min(low, std::bit_cast<uint32_t>(score[i] + 0.0f));
+      int32_t low_pos = std::numeric_limits<int32_t>::max();
+      for (int32_t i = 0; i < n_candidates_; ++i) {
+        // Positions are >= 0: or-ing the others with the largest int32 leaves it.
+        const int32_t other = -static_cast<int32_t>(std::bit_cast<uint32_t>(score[i] + 0.0f) != low) &
+                              std::numeric_limits<int32_t>::max();
+        low_pos = std::min(low_pos, pos[i] | other);
       }
-      const int32_t worst = static_cast<int32_t>(index_[static_cast<uint32_t>(low)]);  // a candidate's slot
+      const int32_t worst = static_cast<int32_t>(index_[low_pos]);  // a candidate's slot
       Move m = leaving[0];
       const Move cur{slot_pos_[worst], worst, -1, -1, slot_score_[worst]};
       if (ByScore()(m, cur)) {
@@ -571,20 +581,26 @@ void HeadCache::FillAttend(kernels::AttendParams& p) {
 absl::Status HeadCache::AfterAttend() {
   ++attends_;
   if (slot_probs_ == nullptr) return absl::OkStatus();  // nothing is ever evicted
+  const float decay = static_cast<float>(ctx_.options->score_decay);
+  last_resident_ = 0;
   if (plan_only_) {
     // The model's softmax: weight over all the head's weights, summed over the
     // query group (as the kernel's slot probabilities are).
     const float norm = weight_sum_ > 0 ? static_cast<float>(ctx_.options->shape.group() / weight_sum_) : 0.0f;
     for (const kernels::SlotRange& r : ranges_) {
-      for (int32_t s = r.begin; s < r.begin + r.count; ++s) probs_host_[s] = slot_weight_[s] * norm;
+      last_resident_ += r.count;
+      for (int32_t s = r.begin; s < r.begin + r.count; ++s) {
+        probs_host_[s] = slot_weight_[s] * norm;
+        slot_score_[s] = decay * slot_score_[s] + probs_host_[s];
+      }
     }
-  } else if (absl::Status st = ctx_.backend->Copy(probs_host_.data(), slot_probs_,
-                                                  probs_host_.size() * sizeof(float), CopyKind::kDeviceToHost);
-             !st.ok()) {
+    return absl::OkStatus();
+  }
+  if (absl::Status st = ctx_.backend->Copy(probs_host_.data(), slot_probs_, probs_host_.size() * sizeof(float),
+                                           CopyKind::kDeviceToHost);
+      !st.ok()) {
     return st;
   }
-  const float decay = static_cast<float>(ctx_.options->score_decay);
-  last_resident_ = 0;
   for (const kernels::SlotRange& r : ranges_) {
     last_resident_ += r.count;
     for (int32_t s = r.begin; s < r.begin + r.count; ++s) slot_score_[s] = decay * slot_score_[s] + probs_host_[s];
@@ -616,6 +632,7 @@ absl::Status HeadCache::Unstage(std::span<const int32_t> slots) {
   if (absl::Status st = VagueAppend(positions); !st.ok()) return st;
   for (int32_t slot : slots) {
     const int32_t i = slot - StagingSlot(0);
+    if (plan_only_) --staged_class_count_[class_of_[slot_pos_[slot]]];
     if (installed_at_[i] == attends_) ++recall_.wasted_prefetches;  // no attend used it
     stage_[i] = Stage::kFree;
     slot_pos_[slot] = -1;
@@ -624,7 +641,15 @@ absl::Status HeadCache::Unstage(std::span<const int32_t> slots) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<int> HeadCache::RequestRecall(std::span<const int64_t> positions, bool make_room) {
+absl::StatusOr<int> HeadCache::RequestRecall(std::span<const int64_t> positions) {
+  return Request(positions, nullptr);
+}
+
+absl::StatusOr<int> HeadCache::Prefetch(const RankWork& ranked) {
+  return Request(ranked.out, &ranked);
+}
+
+absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const RankWork* ranked) {
   if (staging_ == 0) {
     return absl::FailedPreconditionError("the budget plan has no staging slots (staging_tokens = 0)");
   }
@@ -635,9 +660,18 @@ absl::StatusOr<int> HeadCache::RequestRecall(std::span<const int64_t> positions,
           absl::StrFormat("recall of position %d, outside [0, %d) of layer %d", p, len, layer_));
     }
   }
-  // Staging slots: free ones first, then the installed tokens with the
-  // lowest accumulated attention. Both lists fit in staging_ entries each
-  // (the installed ones taken join the free ones), sized once.
+  if (positions.empty()) return 0;
+  const bool make_room = ranked == nullptr;
+  if (!make_room && (ranked->out_scores.size() != positions.size() ||
+                     ranked->staged_scores.size() != static_cast<size_t>(staging_))) {
+    return absl::InternalError(absl::StrFormat(
+        "prefetch of %d ranked tokens with %d scores and %d staged scores (staging %d): not a score_staged ranking",
+        positions.size(), ranked->out_scores.size(), ranked->staged_scores.size(), staging_));
+  }
+  // Staging slots: free ones first, then installed tokens (all of them with
+  // make_room, else those the last attend did not use). Both lists fit in
+  // staging_ entries each (the installed ones taken join the free ones),
+  // sized once.
   if (recall_free_.size() != static_cast<size_t>(staging_)) {
     recall_free_.assign(staging_, 0);
     recall_installed_.assign(staging_, 0);
@@ -660,16 +694,55 @@ absl::StatusOr<int> HeadCache::RequestRecall(std::span<const int64_t> positions,
   }
   const size_t room = n_free + n_installed;
   std::vector<int32_t>& targets = recall_targets_;
+  std::vector<float>& target_scores = recall_target_scores_;  // Prefetch: the proxy's score of each target
   targets.clear();
-  for (int64_t p : positions) {
-    if (targets.size() == room) break;
+  target_scores.clear();
+  // Prefetch: the lowest score among the installed tokens it may displace;
+  // past the free slots, only targets above it can displace any.
+  const float* staged = make_room ? nullptr : ranked->staged_scores.data() - StagingSlot(0);  // by slot
+  float lowest = INFINITY;
+  for (size_t j = 0; !make_room && j < n_installed; ++j) lowest = std::min(lowest, staged[installed[j]]);
+  for (size_t r = 0; r < positions.size() && targets.size() < room; ++r) {
+    const int64_t p = positions[r];
+    if (!make_room && targets.size() >= n_free && !(ranked->out_scores[r] > lowest)) break;  // scores do not rise
     if (region_[p] == static_cast<uint8_t>(Region::kVague) && !in_flight_[p]) {
       in_flight_[p] = 1;  // also marks duplicates
       targets.push_back(static_cast<int32_t>(p));
+      if (!make_room) target_scores.push_back(ranked->out_scores[r]);
     }
   }
+  if (targets.size() > n_free && !make_room) {
+    // Prefetch: the unused installed tokens by the proxy's score, lowest
+    // first (then by accumulated score and position). The targets past the
+    // free slots, best first (the ranking's order), each displace the next
+    // one while they score strictly higher.
+    size_t taken = 0;
+    {
+      std::vector<std::pair<std::pair<float, uint64_t>, int32_t>>& victims = recall_victims_;
+      victims.resize(n_installed);
+      for (size_t j = 0; j < n_installed; ++j) {
+        const int32_t slot = installed[j];
+        victims[j] = {{staged[slot],
+                       uint64_t{std::bit_cast<uint32_t>(slot_score_[slot] + 0.0f)} << 32 |
+                           static_cast<uint32_t>(slot_pos_[slot])},
+                      slot};
+      }
+      // Lowest first, popped as long as targets beat them: O(installed + taken log installed).
+      std::make_heap(victims.begin(), victims.end(), std::greater<>());
+      auto end = victims.end();
+      const size_t want = targets.size() - n_free;  // <= n_installed: targets fit the room
+      while (taken < want && target_scores[n_free + taken] > victims.front().first.first) {
+        std::pop_heap(victims.begin(), end--, std::greater<>());
+        free_slots[n_free + taken++] = end->second;
+      }
+    }
+    for (size_t i = n_free + taken; i < targets.size(); ++i) in_flight_[targets[i]] = 0;
+    targets.resize(n_free + taken);
+    if (absl::Status st = Unstage(std::span<const int32_t>(free_slots + n_free, taken)); !st.ok()) return st;
+    n_free += taken;
+  }
   if (targets.empty()) return 0;
-  if (targets.size() > n_free) {
+  if (targets.size() > n_free) {  // RequestRecall: installed tokens by lowest accumulated score
     const size_t need = targets.size() - n_free;
     // The `need` lowest by (score, position), in order: one packed key per
     // slot (scores are >= 0, + 0.0f turns a -0 into +0; positions differ).
@@ -765,7 +838,10 @@ absl::Status HeadCache::Install(Pending& p) {
     index_[pos] = static_cast<uint32_t>(slot);
     slot_pos_[slot] = pos;
     slot_score_[slot] = 0.0f;
-    if (plan_only_) slot_weight_[slot] = weight_[pos];
+    if (plan_only_) {
+      slot_weight_[slot] = weight_[pos];
+      ++staged_class_count_[class_of_[pos]];
+    }
     stage_[slot - StagingSlot(0)] = Stage::kInstalled;
     installed_at_[slot - StagingSlot(0)] = attends_;
     ++n_installed_;
@@ -811,7 +887,7 @@ absl::Status HeadCache::PollRecalls(absl::Duration wait) {
 
 absl::StatusOr<int> HeadCache::Recall(std::span<const int64_t> positions) {
   const size_t before = pending_.size();
-  absl::StatusOr<int> n = RequestRecall(positions, /*make_room=*/true);
+  absl::StatusOr<int> n = RequestRecall(positions);
   if (!n.ok()) return n;
   // Everything in flight lands now, earlier requests included.
   absl::Status failed;
@@ -836,14 +912,19 @@ absl::StatusOr<int> HeadCache::Recall(std::span<const int64_t> positions) {
   return installed;
 }
 
-absl::Status HeadCache::RankPrepare(RecallProxy proxy, const void* q_group, int count, RankWork& w) const {
+absl::Status HeadCache::RankPrepare(RecallProxy proxy, const void* q_group, int count, bool score_staged,
+                                    RankWork& w) const {
   w.proxy = proxy;
   w.count = count;
+  w.score_staged = score_staged;
   w.out.clear();
+  w.out_scores.clear();
   w.ids.clear();
   w.classes.clear();
+  w.staged_from = 0;
   w.sketch_call = w.bound_call = false;
   w.done = true;
+  if (score_staged && !plan_only_) w.staged_scores.assign(staging_, -INFINITY);
   if (proxy == RecallProxy::kNone || count <= 0) return absl::OkStatus();
   if (proxy == RecallProxy::kSketch && !HasSketch()) {
     return absl::FailedPreconditionError("ranking vague tokens by sketch score needs a sketch (sketch_kind none)");
@@ -853,20 +934,47 @@ absl::Status HeadCache::RankPrepare(RecallProxy proxy, const void* q_group, int 
   }
   if (plan_only_) {
     // Weight classes are disjoint weight intervals, the heaviest first: the
-    // classes in index order, each one's members the most recent first.
+    // classes in index order, each one's members the most recent first. A
+    // token's score is minus its class. With score_staged, the ranking ends
+    // where no token could be prefetched: past as many tokens as there are
+    // free staging slots, at a score no higher than any installed token's.
+    const int32_t free_slots = staging_ - n_installed_;
+    float lowest = -INFINITY;  // the installed tokens' lowest score
+    if (score_staged) {
+      lowest = INFINITY;
+      for (uint32_t c = kWeightClasses; c-- > 0;) {
+        if (staged_class_count_[c] > 0) {
+          lowest = -static_cast<float>(c);
+          break;
+        }
+      }
+    }
     for (uint32_t c = 0; c < class_count_.size(); ++c) {
       if (class_count_[c] == 0) continue;
+      const float score = -static_cast<float>(c);
+      if (!(score > lowest) && static_cast<int>(w.out.size()) >= free_slots) break;
       class_order_[c].ForEachDescending([&](uint32_t pos) {
-        if (!in_flight_[pos]) w.out.push_back(pos);
-        return static_cast<int>(w.out.size()) < count;
+        if (!in_flight_[pos]) {
+          w.out.push_back(pos);
+          w.out_scores.push_back(score);
+        }
+        return static_cast<int>(w.out.size()) < count && (score > lowest || static_cast<int>(w.out.size()) < free_slots);
       });
       if (static_cast<int>(w.out.size()) == count) break;
+    }
+    if (score_staged && !w.out.empty()) {  // what Prefetch compares; nothing to compare without targets
+      w.staged_scores.assign(staging_, -INFINITY);
+      for (int32_t i = 0; i < staging_; ++i) {
+        const int32_t pos = slot_pos_[StagingSlot(i)];
+        if (pos >= 0) w.staged_scores[i] = -static_cast<float>(class_of_[pos]);
+      }
     }
     return absl::OkStatus();
   }
   const ModelShape& sh = ctx_.options->shape;
   // The sketch scores (the estimated logit) of w.ids: one member per class,
-  // or, without classes, every vague token not in flight.
+  // or, without classes, every vague token not in flight; then, for
+  // score_staged with the sketch proxy, the installed tokens.
   if (by_class_) {
     for (uint32_t c = 0; c < class_members_.size(); ++c) {
       if (class_members_[c].empty()) continue;
@@ -878,6 +986,12 @@ absl::Status HeadCache::RankPrepare(RecallProxy proxy, const void* q_group, int 
       if (!in_flight_[pos]) w.ids.push_back(pos);
     }
     if (w.ids.empty()) return absl::OkStatus();
+  }
+  w.staged_from = w.ids.size();
+  if (score_staged && proxy == RecallProxy::kSketch) {
+    for (int32_t i = 0; i < staging_; ++i) {
+      if (stage_[i] == Stage::kInstalled) w.ids.push_back(static_cast<uint32_t>(slot_pos_[StagingSlot(i)]));
+    }
   }
   w.done = false;
   const int64_t n = static_cast<int64_t>(w.ids.size());
@@ -925,10 +1039,22 @@ absl::Status HeadCache::RankPrepare(RecallProxy proxy, const void* q_group, int 
   return absl::OkStatus();
 }
 
-std::vector<int64_t> HeadCache::RankFinish(RankWork& w) const {
-  std::vector<int64_t> out = std::move(w.out);
-  if (w.done) return out;
+void HeadCache::RankFinish(RankWork& w) const {
+  if (w.done) return;
   const int count = w.count;
+  std::vector<int64_t>& out = w.out;
+  std::vector<float>& out_scores = w.out_scores;
+  const int64_t S = ctx_.plan->summary_tokens;
+  if (w.score_staged) {  // installed tokens share no ids with the vague ones
+    if (w.proxy == RecallProxy::kSketch) {
+      for (size_t j = w.staged_from; j < w.ids.size(); ++j) w.staged_scores[index_[w.ids[j]] - StagingSlot(0)] = w.scores[j];
+    } else {
+      for (int32_t i = 0; i < staging_; ++i) {
+        const int32_t pos = slot_pos_[StagingSlot(i)];
+        if (stage_[i] == Stage::kInstalled) w.staged_scores[i] = w.group_scores[ordinal_[pos] / S];
+      }
+    }
+  }
   // Per class: the representative's score stands for all its members.
   std::vector<float> class_score;
   if (by_class_) {
@@ -953,23 +1079,27 @@ std::vector<int64_t> HeadCache::RankFinish(RankWork& w) const {
       for (size_t m = 0; m < want; ++m) taken += !in_flight_[members[m]];
       if (taken < want) std::sort(members.begin() + want, members.end(), std::greater<>());
       for (uint32_t pos : members) {
-        if (static_cast<int>(out.size()) == count) return out;
-        if (!in_flight_[pos]) out.push_back(pos);
+        if (static_cast<int>(out.size()) == count) return;
+        if (!in_flight_[pos]) {
+          out.push_back(pos);
+          out_scores.push_back(class_score[c]);
+        }
       }
     }
-    return out;
+    return;
   }
-  // Without classes, w.ids are the vague tokens not in flight; with classes,
-  // gather them now.
+  // Without classes, w.ids[0, staged_from) are the vague tokens not in
+  // flight; with classes, gather them now.
   std::vector<uint32_t> class_ids;
   if (by_class_) {
     for (uint32_t pos : vague_) {
       if (!in_flight_[pos]) class_ids.push_back(pos);
     }
   }
-  const std::vector<uint32_t>& ids = by_class_ ? class_ids : w.ids;
+  const std::span<const uint32_t> ids =
+      by_class_ ? std::span<const uint32_t>(class_ids) : std::span<const uint32_t>(w.ids.data(), w.staged_from);
   const int64_t n = static_cast<int64_t>(ids.size());
-  if (n == 0) return out;
+  if (n == 0) return;
   if (w.proxy == RecallProxy::kSketch) {
     const std::vector<float>& scores = w.scores;
     std::vector<int64_t> order(n);
@@ -978,19 +1108,22 @@ std::vector<int64_t> HeadCache::RankFinish(RankWork& w) const {
     std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
       return scores[a] > scores[b] || (scores[a] == scores[b] && ids[a] > ids[b]);
     });
-    for (int64_t i = 0; i < k; ++i) out.push_back(ids[order[i]]);
-    return out;
+    for (int64_t i = 0; i < k; ++i) {
+      out.push_back(ids[order[i]]);
+      out_scores.push_back(scores[order[i]]);
+    }
+    return;
   }
-  // Key bounds: the vague tokens of the best groups. Within a group (when the
-  // recall budget ends inside one), the sketch's order, else the most recent first.
-  const int64_t S = ctx_.plan->summary_tokens;
+  // Key bounds: the vague tokens of the best groups (a token's score is its
+  // group's). Within a group (when the recall budget ends inside one), the
+  // sketch's order, else the most recent first.
   const int64_t groups = static_cast<int64_t>(w.group_scores.size());
   const std::vector<float>& scores = w.group_scores;
   std::vector<float> token_scores(n, 0.0f);
   if (by_class_) {
     for (int64_t i = 0; i < n; ++i) token_scores[i] = class_score[class_of_[ids[i]]];
   } else if (HasSketch()) {
-    token_scores = w.scores;
+    std::copy_n(w.scores.begin(), n, token_scores.begin());
   }
   std::vector<std::vector<std::pair<float, uint32_t>>> members(groups);
   for (int64_t i = 0; i < n; ++i) members[ordinal_[ids[i]] / S].emplace_back(token_scores[i], ids[i]);
@@ -1003,21 +1136,22 @@ std::vector<int64_t> HeadCache::RankFinish(RankWork& w) const {
             [&](int64_t a, int64_t b) { return scores[a] > scores[b] || (scores[a] == scores[b] && a > b); });
   for (int64_t g : order) {
     for (const auto& [score, pos] : members[g]) {
-      if (static_cast<int>(out.size()) == count) return out;
+      if (static_cast<int>(out.size()) == count) return;
       out.push_back(pos);
+      out_scores.push_back(scores[g]);
     }
   }
-  return out;
 }
 
 absl::StatusOr<std::vector<int64_t>> HeadCache::Rank(RecallProxy proxy, const void* q_group, int count) const {
   RankWork w;
-  if (absl::Status st = RankPrepare(proxy, q_group, count, w); !st.ok()) return st;
+  if (absl::Status st = RankPrepare(proxy, q_group, count, /*score_staged=*/false, w); !st.ok()) return st;
   kernels::KernelSet& kernels = ctx_.backend->kernels();
   if (w.sketch_call) kernels.SketchScores({&w.sketch, 1});
   if (w.bound_call) kernels.BoundScores({&w.bounds, 1});
   if (absl::Status st = kernels.error(); !st.ok()) return st;
-  return RankFinish(w);
+  RankFinish(w);
+  return std::move(w.out);
 }
 
 // ---------------------------------------------------------------- Introspection

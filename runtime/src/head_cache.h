@@ -125,11 +125,9 @@ class HeadCache {
   // ---- Recall ----
   // Asks for the exact K/V of the vague tokens at `positions` (those not
   // already requested); they are needed from the next attend on. Room in
-  // staging: free slots, then installed tokens by lowest accumulated score —
-  // with make_room false (the automatic recall), only installed tokens that
-  // the last attend used less than a uniform share of attention, so the
-  // tokens attention keeps using stay. Returns how many were requested.
-  absl::StatusOr<int> RequestRecall(std::span<const int64_t> positions, bool make_room);
+  // staging: free slots, then installed tokens by lowest accumulated score.
+  // Returns how many were requested.
+  absl::StatusOr<int> RequestRecall(std::span<const int64_t> positions);
   // Installs every completed recall; waits up to `wait` for the rest.
   absl::Status PollRecalls(absl::Duration wait);
   // RequestRecall, then wait for those transfers and install them. Returns
@@ -142,20 +140,33 @@ class HeadCache {
   // RankPrepare fills this head's kernel parameters (none in plan-only
   // runs), the caller runs SketchScores on every `sketch` whose sketch_call
   // is set and BoundScores on every `bounds` whose bound_call is set, then
-  // RankFinish selects. Nothing may change the head in between.
+  // RankFinish selects into `out`. Nothing may change the head in between.
+  // With `score_staged`, the proxy also scores the installed tokens, for
+  // Prefetch.
   struct RankWork {
     RecallProxy proxy = RecallProxy::kNone;
     int count = 0;
-    bool done = true;  // `out` is the answer; no kernel is needed
+    bool done = true;  // no kernel is needed
+    bool score_staged = false;
     bool sketch_call = false, bound_call = false;
     kernels::SketchScoreParams sketch;
     kernels::BoundScoreParams bounds;
-    std::vector<int64_t> out;
+    std::vector<int64_t> out;        // the ranked vague tokens, best first
+    std::vector<float> out_scores;   // the proxy's score of each (higher is better; ties within a class or group)
+    std::vector<float> staged_scores;  // [staging] score_staged: the same for each installed token, else unset
     std::vector<uint32_t> ids, classes, buckets;  // scored tokens, their classes (by_class_), centroid buckets
+    size_t staged_from = 0;          // ids[staged_from, ...) are installed tokens, scored for staged_scores
     std::vector<float> scores, group_scores;      // the kernels' outputs
   };
-  absl::Status RankPrepare(RecallProxy proxy, const void* q_group, int count, RankWork& w) const;
-  std::vector<int64_t> RankFinish(RankWork& w) const;
+  absl::Status RankPrepare(RecallProxy proxy, const void* q_group, int count, bool score_staged, RankWork& w) const;
+  void RankFinish(RankWork& w) const;
+  // The automatic recall after an attend: the ranked tokens (RankFinish of
+  // a score_staged RankWork) into free staging slots, then in place of
+  // installed tokens the last attend used less than a uniform share of
+  // attention, each only where the proxy scores the recalled token strictly
+  // above the one it displaces (so that tokens the proxy ranks alike do not
+  // trade places every step). Returns how many were requested.
+  absl::StatusOr<int> Prefetch(const RankWork& ranked);
   int64_t pending_tokens() const;
 
   // ---- Introspection ----
@@ -215,6 +226,8 @@ class HeadCache {
   absl::Status Unstage(std::span<const int32_t> slots);
   // Installs a completed recall (or releases its slots on failure).
   absl::Status Install(Pending& p);
+  // RequestRecall (ranked null) and Prefetch.
+  absl::StatusOr<int> Request(std::span<const int64_t> positions, const RankWork* ranked);
 
   const HeadContext& ctx_;
   const int layer_;
@@ -304,14 +317,17 @@ class HeadCache {
   double weight_sum_ = 0;
   std::vector<float> slot_weight_;  // [slots] weight_ of the token in each occupied slot
   std::vector<uint32_t> class_count_;  // [class] vague members of each weight class
+  std::vector<uint32_t> staged_class_count_;  // [class] installed staging tokens of each weight class
   // Scratch kept across calls: the decode path allocates none of these.
   AppendPlan plan_scratch_;
   mutable std::vector<Move> leaving_;
   mutable std::vector<uint64_t> pool_;
   mutable std::vector<int32_t> free_scratch_;
   std::vector<int32_t> recall_free_, recall_installed_, recall_targets_, unstage_pos_, install_pos_, install_slots_;
+  std::vector<float> recall_target_scores_;
   std::vector<uint64_t> recall_order_;
   std::vector<std::pair<uint64_t, int32_t>> recall_keyed_;
+  std::vector<std::pair<std::pair<float, uint64_t>, int32_t>> recall_victims_;
   std::vector<int32_t> scratch_[5];  // ApplyAppend's lists of slots and positions
 };
 

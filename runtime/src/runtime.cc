@@ -561,7 +561,7 @@ absl::StatusOr<AttendCounts> Runtime::AttendBatch(int layer, absl::Span<const At
       for (int h = 0; h < H; ++h) {
         if (absl::Status st = I.Head(*held[i].seq, layer, h)
                                   .RankPrepare(I.options.recall_proxy, I.QueryGroup(items[i].q, h),  // q unused plan-only
-                                               I.plan.recall_tokens, work[i * H + h]);
+                                               I.plan.recall_tokens, /*score_staged=*/true, work[i * H + h]);
             !st.ok())
           return st;
       }
@@ -570,8 +570,8 @@ absl::StatusOr<AttendCounts> Runtime::AttendBatch(int layer, absl::Span<const At
     for (size_t i = 0; i < items.size(); ++i) {
       for (int h = 0; h < H; ++h) {
         HeadCache& head = I.Head(*held[i].seq, layer, h);
-        const std::vector<int64_t> top = head.RankFinish(work[i * H + h]);
-        if (absl::StatusOr<int> n = head.RequestRecall(top, /*make_room=*/false); !n.ok()) return n.status();
+        head.RankFinish(work[i * H + h]);
+        if (absl::StatusOr<int> n = head.Prefetch(work[i * H + h]); !n.ok()) return n.status();
       }
     }
   }
@@ -606,7 +606,7 @@ absl::StatusOr<int64_t> Runtime::RecallTop(SequenceId id, int layer, const void*
   std::vector<HeadCache::RankWork> work(H);
   for (int h = 0; h < H; ++h) {
     if (absl::Status st = I.Head(*locked->seq, layer, h).RankPrepare(I.RankingProxy(), I.QueryGroup(q, h), per_head,
-                                                                     work[h]);
+                                                                     /*score_staged=*/false, work[h]);
         !st.ok())
       return st;
   }
@@ -614,9 +614,9 @@ absl::StatusOr<int64_t> Runtime::RecallTop(SequenceId id, int layer, const void*
   int64_t total = 0;
   for (int h = 0; h < H; ++h) {
     HeadCache& head = I.Head(*locked->seq, layer, h);
-    const std::vector<int64_t> top = head.RankFinish(work[h]);
-    if (top.empty()) continue;
-    absl::StatusOr<int> n = head.Recall(top);
+    head.RankFinish(work[h]);
+    if (work[h].out.empty()) continue;
+    absl::StatusOr<int> n = head.Recall(work[h].out);
     if (!n.ok()) return n.status();
     total += *n;
   }

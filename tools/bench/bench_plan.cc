@@ -100,6 +100,7 @@ void BM_PlanDecode(benchmark::State& state) {
     events += events_per_step;
   }
   state.SetItemsProcessed(events);
+  state.counters["recalled_per_step"] = static_cast<double>(rt->Stats().recall.requested) / std::max<int64_t>(1, pos - context) / (L * H);
   state.counters["token_events_per_s"] = benchmark::Counter(static_cast<double>(events), benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_PlanDecode)->ArgsProduct({{4096, 16384, 131072}, {0, 1}})->Iterations(2000)->Unit(benchmark::kMicrosecond);

@@ -6,6 +6,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "replay/driver.h"
 
 namespace kvtier::replay {
 namespace {
@@ -40,6 +41,30 @@ std::string Bytes(double b) {
 
 }  // namespace
 
+absl::StatusOr<double> RecallSample(const PlanOptions& p, int64_t context) {
+  const int64_t decode = std::min(p.decode_tokens, context - 1);
+  if (decode < 1) return 0.0;
+  absl::StatusOr<Trace> trace = ParseTrace(absl::StrCat("0,", context - decode, ",", decode, "\n"), {}, "sample.csv");
+  if (!trace.ok()) return trace.status();
+  ReplayOptions o;
+  o.shape = p.shape;
+  o.content = ContentLevel::kNone;
+  o.time_scale = 0;
+  o.max_sequences = 1;
+  o.max_context = context;
+  o.device_budget_fraction = p.device_budget_fraction;
+  o.block_tokens = p.block_tokens;
+  o.sketch = p.sketch;
+  o.policy = p.policy;
+  o.proxy = p.proxy;
+  o.seed = p.seed;
+  o.profile = p.profile;
+  o.profile.host_bytes = 0;  // no tier caps: the sample measures recalls, not room
+  absl::StatusOr<ReplayResult> r = RunReplay(*trace, o);
+  if (!r.ok()) return r.status();
+  return r->decode_tokens > 0 ? static_cast<double>(r->bytes_h2d) / static_cast<double>(r->decode_tokens) : 0.0;
+}
+
 absl::StatusOr<PlanResult> RunPlan(const PlanOptions& p) {
   if (absl::Status st = p.shape.Validate(); !st.ok()) return st;
   if (!(p.device_budget_fraction > 0 && p.device_budget_fraction <= 1)) {
@@ -50,6 +75,9 @@ absl::StatusOr<PlanResult> RunPlan(const PlanOptions& p) {
     return absl::InvalidArgumentError(absl::StrFormat("max_sequences %d must be in [0, %d]", p.max_sequences, kMaxSlots));
   }
   if (p.contexts.empty()) return absl::InvalidArgumentError("no context lengths to plan");
+  if (p.decode_tokens < 1) {
+    return absl::InvalidArgumentError(absl::StrFormat("decode_tokens %d must be >= 1", p.decode_tokens));
+  }
   const HardwareProfile& hw = p.profile;
   const int64_t device_kv = static_cast<int64_t>(hw.device_kv_bytes);
   const int64_t host_cap = static_cast<int64_t>(hw.host_bytes);
@@ -142,16 +170,25 @@ absl::StatusOr<PlanResult> RunPlan(const PlanOptions& p) {
 
     // One decode step of n sequences (per layer and KV head: one token in,
     // one token out of the recent window once the context exceeds the
-    // resident regions, recall_tokens vague tokens recalled).
+    // resident regions; the recall sample's tokens recalled).
     const int64_t heads = n * L * H;
     const bool spills = plan->compressed && C > resident;
-    const int64_t recall = spills && plan->recall_tokens > 0 ? plan->recall_tokens : 0;
-    row.h2d_bytes_per_step = heads * recall * tok;
+    double sample_bytes = 0;  // per sequence and step
+    if (spills && plan->recall_tokens > 0) {
+      absl::StatusOr<double> b = RecallSample(p, C);
+      if (!b.ok()) {
+        return absl::Status(b.status().code(), absl::StrFormat("context %d: recall sample: %s", C, b.status().message()));
+      }
+      sample_bytes = *b;
+    }
+    const double recall = sample_bytes / static_cast<double>(L * H * tok);  // tokens per head and step
+    row.recall_tokens_per_head_step = recall;
+    row.h2d_bytes_per_step = std::llround(static_cast<double>(n) * sample_bytes);
     row.d2h_bytes_per_step = spills ? heads * tok : 0;
     row.nvme_write_bytes_per_step = row.nvme_bytes > 0 ? row.d2h_bytes_per_step : 0;
     const double on_nvme = tier_total > 0 ? static_cast<double>(row.nvme_bytes) / tier_total : 0.0;
     row.nvme_read_bytes_per_step_max =
-        static_cast<int64_t>(std::ceil(static_cast<double>(heads * recall) * on_nvme)) * block_bytes;
+        static_cast<int64_t>(std::ceil(static_cast<double>(heads) * recall * on_nvme)) * block_bytes;
     // The replay's virtual clock: compute reads the resident K/V and the
     // sketches; the recalls (bytes plus a latency per recalling KV head)
     // travel meanwhile.
@@ -183,6 +220,15 @@ std::vector<int64_t> TraceContexts(const Trace& trace, int token_scale) {
   }
   out.erase(std::unique(out.begin(), out.end()), out.end());
   return out;
+}
+
+int64_t TraceDecodeTokens(const Trace& trace, int token_scale) {
+  std::vector<int64_t> out;
+  const int64_t s = std::max(token_scale, 1);
+  for (const Request& q : trace.requests) out.push_back(CeilDiv(q.output_tokens, s));
+  if (out.empty()) return 0;
+  std::nth_element(out.begin(), out.begin() + static_cast<ptrdiff_t>(out.size() / 2), out.end());
+  return out[out.size() / 2];
 }
 
 std::string PlanTable(const PlanResult& r, const PlanOptions& o) {
@@ -239,6 +285,7 @@ std::string PlanJson(const PlanResult& r, const PlanOptions& o) {
     i64("d2h_bytes_per_step", w.d2h_bytes_per_step);
     i64("nvme_write_bytes_per_step", w.nvme_write_bytes_per_step);
     i64("nvme_read_bytes_per_step_max", w.nvme_read_bytes_per_step_max);
+    absl::StrAppendFormat(&s, "\"recall_tokens_per_head_step\": %.6g, ", w.recall_tokens_per_head_step);
     absl::StrAppendFormat(&s, "\"compute_us\": %.6g, \"transfer_us\": %.6g, ", w.compute_us, w.transfer_us);
     i64("recent_tokens", w.plan.recent_tokens);
     i64("candidate_tokens", w.plan.candidate_tokens);

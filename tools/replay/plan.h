@@ -35,6 +35,10 @@ struct PlanOptions {
   int block_tokens = 0;                // host-tier block tokens (0: the runtime's default)
   int max_sequences = 0;               // sequence-slot cap (0: none; the runtime's limit is 65536)
   std::vector<int64_t> contexts;       // tokens (prompt + output) of a sequence, one row each
+  // Output tokens of the sequence whose replay measures the recall traffic
+  // (RecallSample); at most context - 1 of a row are decoded.
+  int64_t decode_tokens = 128;
+  uint64_t seed = 1;                   // of the content model that replay uses
 };
 
 // -1 in a limit: nothing bounds it.
@@ -53,7 +57,8 @@ struct PlanRow {
   int64_t device_bytes = 0;            // plan total at `sequences` (shared bytes included)
   int64_t host_bytes = 0, nvme_bytes = 0;   // tier bytes at `sequences`, all at the full context
   // Per decode step with `sequences` live at the full context.
-  int64_t h2d_bytes_per_step = 0;       // recalls
+  int64_t h2d_bytes_per_step = 0;       // recalls: `sequences` x the recall sample's bytes per step
+  double recall_tokens_per_head_step = 0;  // the recall sample's tokens per layer, KV head and step
   int64_t d2h_bytes_per_step = 0;       // tokens leaving the device
   int64_t nvme_write_bytes_per_step = 0;  // demotions once the host tier is full
   int64_t nvme_read_bytes_per_step_max = 0;  // recalls from NVMe blocks, none of them hot (an upper bound)
@@ -72,6 +77,17 @@ absl::StatusOr<PlanResult> RunPlan(const PlanOptions& options);
 // Context lengths of a trace (prompt + output, divided by token_scale and
 // rounded up): the p50, p90, p99 and longest, distinct and ascending.
 std::vector<int64_t> TraceContexts(const Trace& trace, int token_scale);
+// The median output tokens of a trace's requests (divided by token_scale and
+// rounded up); 0 for an empty trace.
+int64_t TraceDecodeTokens(const Trace& trace, int token_scale);
+
+// Host->device bytes per decode step of one sequence at `context` tokens: a
+// kvtier-replay (--content none, folded) of one request of
+// context - decode prompt and decode output tokens, decode =
+// min(decode_tokens, context - 1). No closed form gives it: a recall happens
+// when a vague token outranks an installed one, which depends on how the
+// attention is spread (the replay's content model).
+absl::StatusOr<double> RecallSample(const PlanOptions& options, int64_t context);
 
 std::string PlanTable(const PlanResult& r, const PlanOptions& o);
 std::string PlanJson(const PlanResult& r, const PlanOptions& o);  // stable keys
