@@ -130,12 +130,13 @@ TEST(PlanOnly, RecallsAndDemotesWithoutContents) {
   EXPECT_EQ((*rt)->Stats().disk_tier.bytes_in_use, 0);
 }
 
-// Automatic recall in a plan-only run, where the weights are the proxy's
-// scores: staging fills with the heaviest vague tokens; vague tokens of the
+// Automatic recall with RecallReplace::kOutranked in a plan-only run, where
+// the weights are the proxy's scores: staging fills with the heaviest vague tokens; vague tokens of the
 // same weight class never displace them (no trading of tokens alike, step
 // after step), and a strictly heavier one does.
 TEST(PlanOnly, PrefetchDisplacesOnlyForAHigherScore) {
   Options o = Base(true);
+  o.recall_replace = RecallReplace::kOutranked;
   o.shape = ModelShape{.layers = 1, .q_heads = 1, .kv_heads = 1, .head_dim = 64, .dtype = DType::kF16};
   o.max_sequences = 1;
   o.recall_proxy = RecallProxy::kSketch;
@@ -212,68 +213,77 @@ TEST(PlanOnly, RanksVagueTokensByWeight) {
 // Which vague tokens the plan-only ranking picks, step after step, with
 // weights spread over many classes and members of a class at different
 // weights: a fingerprint of the choices (RankVague of every head after every
-// step, and the regions that automatic recall left). Recorded when the
-// ranking copied and sorted every class per call, and again when automatic
-// recall began displacing installed tokens only for higher-scored ones (a
-// change of policy): a faster path must choose the same tokens in the same
-// order.
+// step, and the regions that automatic recall left), for each
+// RecallReplace. kUnused's was recorded when the ranking copied and sorted
+// every class per call; kOutranked's when it was added. A faster path must
+// choose the same tokens in the same order.
 TEST(PlanOnly, RecallChoicesAreUnchanged) {
-  Options o = Base(true);
-  o.recall_proxy = RecallProxy::kSketch;
-  o.score_decay = 1.0;  // the options the fingerprint was recorded with
-  o.sketch_share = 0.25;
-  absl::StatusOr<std::unique_ptr<Runtime>> rt = Runtime::Create(o);
-  ASSERT_TRUE(rt.ok()) << rt.status();
-  const ModelShape& sh = o.shape;
-  ASSERT_TRUE((*rt)->AddSequence(1).ok());
-  std::mt19937 gen(11);  // raw draws only: the same numbers on every platform
-  auto weight = [&] {  // (1 + m/1024) x 2^-e over 20 octaves: many classes, members of varied weight
-    const uint32_t r = gen();
-    return std::ldexp(1.0f + static_cast<float>(r % 1024) / 1024.0f, -static_cast<int>((r >> 10) % 20));
+  struct Case {
+    RecallReplace replace;
+    int64_t min_requested;
+    uint64_t fingerprint;
   };
-  const int64_t n = 1500;
-  std::vector<float> w(n * sh.kv_heads);
-  for (float& x : w) x = weight();
-  AppendOptions ao;
-  ao.scores = w.data();
-  ao.weights = w.data();
-  for (int l = 0; l < sh.layers; ++l) ASSERT_TRUE((*rt)->Append(1, l, nullptr, nullptr, n, ao).ok());
-  uint64_t h = 1469598103934665603ull;
-  auto fold = [&](int64_t x) {
-    h ^= static_cast<uint64_t>(x);
-    h *= 1099511628211ull;
-  };
-  for (int step = 0; step < 300; ++step) {
-    std::vector<float> wt(sh.kv_heads);
-    for (float& x : wt) x = weight();
-    AppendOptions d;
-    d.weights = wt.data();
-    for (int l = 0; l < sh.layers; ++l) {
-      ASSERT_TRUE((*rt)->Append(1, l, nullptr, nullptr, 1, d).ok());
-      ASSERT_TRUE((*rt)->Attend(1, l, nullptr, nullptr).ok());
-      for (int kh = 0; kh < sh.kv_heads; ++kh) {
-        absl::StatusOr<std::vector<int64_t>> top = (*rt)->RankVague(1, l, kh, nullptr, step % 7 == 0 ? 400 : 25);
-        ASSERT_TRUE(top.ok()) << top.status();
-        fold(static_cast<int64_t>(top->size()));
-        for (int64_t pos : *top) fold(pos);
-      }
-    }
-    if (step % 50 == 49) {
+  for (const Case& c : {Case{RecallReplace::kUnused, 1000, 1368190427726735479ull},
+                        Case{RecallReplace::kOutranked, 200, 11402865304767895451ull}}) {
+    SCOPED_TRACE(RecallReplaceName(c.replace));
+    Options o = Base(true);
+    o.recall_proxy = RecallProxy::kSketch;
+    o.recall_replace = c.replace;
+    o.score_decay = 1.0;  // the options the fingerprints were recorded with
+    o.sketch_share = 0.25;
+    absl::StatusOr<std::unique_ptr<Runtime>> rt = Runtime::Create(o);
+    ASSERT_TRUE(rt.ok()) << rt.status();
+    const ModelShape& sh = o.shape;
+    ASSERT_TRUE((*rt)->AddSequence(1).ok());
+    std::mt19937 gen(11);  // raw draws only: the same numbers on every platform
+    auto weight = [&] {  // (1 + m/1024) x 2^-e over 20 octaves: many classes, members of varied weight
+      const uint32_t r = gen();
+      return std::ldexp(1.0f + static_cast<float>(r % 1024) / 1024.0f, -static_cast<int>((r >> 10) % 20));
+    };
+    const int64_t n = 1500;
+    std::vector<float> w(n * sh.kv_heads);
+    for (float& x : w) x = weight();
+    AppendOptions ao;
+    ao.scores = w.data();
+    ao.weights = w.data();
+    for (int l = 0; l < sh.layers; ++l) ASSERT_TRUE((*rt)->Append(1, l, nullptr, nullptr, n, ao).ok());
+    uint64_t h = 1469598103934665603ull;
+    auto fold = [&](int64_t x) {
+      h ^= static_cast<uint64_t>(x);
+      h *= 1099511628211ull;
+    };
+    for (int step = 0; step < 300; ++step) {
+      std::vector<float> wt(sh.kv_heads);
+      for (float& x : wt) x = weight();
+      AppendOptions d;
+      d.weights = wt.data();
       for (int l = 0; l < sh.layers; ++l) {
+        ASSERT_TRUE((*rt)->Append(1, l, nullptr, nullptr, 1, d).ok());
+        ASSERT_TRUE((*rt)->Attend(1, l, nullptr, nullptr).ok());
         for (int kh = 0; kh < sh.kv_heads; ++kh) {
-          for (int64_t pos = 0; pos < n + step + 1; ++pos) {
-            fold(static_cast<int64_t>(*(*rt)->TokenRegion(1, l, kh, pos)));
+          absl::StatusOr<std::vector<int64_t>> top = (*rt)->RankVague(1, l, kh, nullptr, step % 7 == 0 ? 400 : 25);
+          ASSERT_TRUE(top.ok()) << top.status();
+          fold(static_cast<int64_t>(top->size()));
+          for (int64_t pos : *top) fold(pos);
+        }
+      }
+      if (step % 50 == 49) {
+        for (int l = 0; l < sh.layers; ++l) {
+          for (int kh = 0; kh < sh.kv_heads; ++kh) {
+            for (int64_t pos = 0; pos < n + step + 1; ++pos) {
+              fold(static_cast<int64_t>(*(*rt)->TokenRegion(1, l, kh, pos)));
+            }
           }
         }
       }
     }
+    (*rt)->Drain();
+    const RuntimeStats s = (*rt)->Stats();
+    EXPECT_GT(s.recall.requested, c.min_requested);
+    fold(s.recall.requested);
+    fold(s.recalled_tokens);
+    EXPECT_EQ(h, c.fingerprint) << "fingerprint";
   }
-  (*rt)->Drain();
-  const RuntimeStats s = (*rt)->Stats();
-  EXPECT_GT(s.recall.requested, 200);
-  fold(s.recall.requested);
-  fold(s.recalled_tokens);
-  EXPECT_EQ(h, 11402865304767895451ull) << "fingerprint";
 }
 
 // kvtier-replay --content none and --content full on the same workload:

@@ -42,51 +42,57 @@ void ExpectWithin5(double measured, double predicted, const std::string& what) {
                                                                          << ", plan " << predicted;
 }
 
+// For each RecallReplace (their recall traffic differs).
 TEST(Plan, AgreesWithReplay) {
-  const PlanOptions p = SmallPlan();
-  absl::StatusOr<PlanResult> plan = RunPlan(p);
-  ASSERT_TRUE(plan.ok()) << plan.status();
-  bool device_bound = false, tier_bound = false, spilled = false;
-  for (const PlanRow& row : plan->rows) {
-    SCOPED_TRACE(absl::StrCat("context ", row.context, ", binding ", row.binding));
-    ASSERT_GT(row.sequences, 0);
-    device_bound |= row.binding == "device";
-    tier_bound |= row.binding == "tiers";
-    spilled |= row.nvme_bytes > 0;
-    ReplayOptions o;
-    o.shape = p.shape;
-    o.content = ContentLevel::kNone;
-    o.time_scale = 0;
-    o.max_sequences = static_cast<int>(row.device_limit);
-    o.max_context = row.context;
-    o.device_budget_fraction = p.device_budget_fraction;
-    o.host_bytes = static_cast<int64_t>(p.profile.host_bytes);
-    o.nvme_dir = "unused";  // plan-only: a counting tier
-    o.nvme_bytes = static_cast<int64_t>(p.profile.nvme_bytes);
-    o.sketch = p.sketch;
-    o.profile = p.profile;
-    absl::StatusOr<ReplayResult> r = RunReplay(Uniform(row.context, 2 * row.sequences + 1), o);
-    ASSERT_TRUE(r.ok()) << r.status();
-    EXPECT_EQ(r->rejected, 0);
-    EXPECT_LE(r->budget_bytes, static_cast<int64_t>(p.profile.device_kv_bytes));
-    ExpectWithin5(r->max_live, row.sequences, "concurrent sequences");
-    ExpectWithin5(r->per_sequence_bytes, row.device_bytes_per_sequence, "device bytes per sequence");
-    if (row.nvme_bytes == 0) {
-      ExpectWithin5(r->peak_host_bytes, row.host_bytes, "host bytes");
-      EXPECT_EQ(r->peak_nvme_bytes, 0);
-    } else {
-      ExpectWithin5(r->peak_nvme_bytes, row.nvme_bytes, "NVMe bytes");
-      ExpectWithin5(r->peak_host_bytes + r->peak_nvme_bytes, row.host_bytes + row.nvme_bytes, "tier bytes");
+  for (const RecallReplace replace : {RecallReplace::kUnused, RecallReplace::kOutranked}) {
+    SCOPED_TRACE(RecallReplaceName(replace));
+    PlanOptions p = SmallPlan();
+    p.recall_replace = replace;
+    absl::StatusOr<PlanResult> plan = RunPlan(p);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    bool device_bound = false, tier_bound = false, spilled = false;
+    for (const PlanRow& row : plan->rows) {
+      SCOPED_TRACE(absl::StrCat("context ", row.context, ", binding ", row.binding));
+      ASSERT_GT(row.sequences, 0);
+      device_bound |= row.binding == "device";
+      tier_bound |= row.binding == "tiers";
+      spilled |= row.nvme_bytes > 0;
+      ReplayOptions o;
+      o.shape = p.shape;
+      o.content = ContentLevel::kNone;
+      o.time_scale = 0;
+      o.max_sequences = static_cast<int>(row.device_limit);
+      o.max_context = row.context;
+      o.device_budget_fraction = p.device_budget_fraction;
+      o.host_bytes = static_cast<int64_t>(p.profile.host_bytes);
+      o.nvme_dir = "unused";  // plan-only: a counting tier
+      o.nvme_bytes = static_cast<int64_t>(p.profile.nvme_bytes);
+      o.sketch = p.sketch;
+      o.recall_replace = p.recall_replace;
+      o.profile = p.profile;
+      absl::StatusOr<ReplayResult> r = RunReplay(Uniform(row.context, 2 * row.sequences + 1), o);
+      ASSERT_TRUE(r.ok()) << r.status();
+      EXPECT_EQ(r->rejected, 0);
+      EXPECT_LE(r->budget_bytes, static_cast<int64_t>(p.profile.device_kv_bytes));
+      ExpectWithin5(r->max_live, row.sequences, "concurrent sequences");
+      ExpectWithin5(r->per_sequence_bytes, row.device_bytes_per_sequence, "device bytes per sequence");
+      if (row.nvme_bytes == 0) {
+        ExpectWithin5(r->peak_host_bytes, row.host_bytes, "host bytes");
+        EXPECT_EQ(r->peak_nvme_bytes, 0);
+      } else {
+        ExpectWithin5(r->peak_nvme_bytes, row.nvme_bytes, "NVMe bytes");
+        ExpectWithin5(r->peak_host_bytes + r->peak_nvme_bytes, row.host_bytes + row.nvme_bytes, "tier bytes");
+      }
+      // Recall traffic per sequence and decode step.
+      ASSERT_GT(r->decode_tokens, 0);
+      ExpectWithin5(static_cast<double>(r->bytes_h2d) / r->decode_tokens,
+                    static_cast<double>(row.h2d_bytes_per_step) / row.sequences, "host->device bytes per step");
     }
-    // Recall traffic per sequence and decode step.
-    ASSERT_GT(r->decode_tokens, 0);
-    ExpectWithin5(static_cast<double>(r->bytes_h2d) / r->decode_tokens,
-                  static_cast<double>(row.h2d_bytes_per_step) / row.sequences, "host->device bytes per step");
+    // The workload exercises both capacity limits and the NVMe tier.
+    EXPECT_TRUE(device_bound);
+    EXPECT_TRUE(tier_bound);
+    EXPECT_TRUE(spilled);
   }
-  // The workload exercises both capacity limits and the NVMe tier.
-  EXPECT_TRUE(device_bound);
-  EXPECT_TRUE(tier_bound);
-  EXPECT_TRUE(spilled);
 }
 
 TEST(Plan, BaselineAndLimits) {

@@ -66,7 +66,8 @@ TEST(AsyncRecall, AttendIsExactOnceTheRecalledTokensArrived) {
   KVTIER_EXPECT_OK((*rt)->CheckInvariants());
 }
 
-// Automatic recall ranked by key bounds with a fixed query: once staging
+// Automatic recall ranked by key bounds with a fixed query and
+// RecallReplace::kOutranked: once staging
 // holds tokens of the best groups, the vague tokens left rank no higher
 // (the same groups or lower ones) and no step trades them; tokens appended
 // with zero keys (their groups' bounds score 0, below any group of random
@@ -77,6 +78,7 @@ TEST(AsyncRecall, PrefetchDoesNotTradeTokensTheProxyRanksAlike) {
   o.staging_tokens = 8;
   o.recall_tokens = 8;
   o.recall_proxy = RecallProxy::kBlockBounds;
+  o.recall_replace = RecallReplace::kOutranked;
   auto rt = Runtime::Create(o);
   ASSERT_TRUE(rt.ok()) << rt.status();
   KVTIER_ASSERT_OK((*rt)->AddSequence(1));

@@ -29,6 +29,8 @@ ABSL_FLAG(std::string, sketch, std::string(kvtier::SketchKindName(kvtier::Option
           "sketch: count-sketch | centroid | none (default: the library's)");
 ABSL_FLAG(std::string, proxy, std::string(kvtier::RecallProxyName(kvtier::Options{}.recall_proxy)),
           "recall ranking: sketch | block-bounds | none (default: the library's)");
+ABSL_FLAG(std::string, recall_replace, std::string(kvtier::RecallReplaceName(kvtier::Options{}.recall_replace)),
+          "installed tokens automatic recall may replace: unused | outranked (default: the library's)");
 ABSL_FLAG(int, block_size, 0, "tokens per host-tier block (0: the runtime's default)");
 ABSL_FLAG(int, max_seqs, 0, "sequence-slot cap (0: none)");
 ABSL_FLAG(int64_t, decode_tokens, 0,
@@ -79,6 +81,8 @@ int Run() {
     return Fail("--sketch must be count-sketch, centroid or none, got " + sketch);
   if (!cli::ParseName(proxy, RecallProxyName, 3, o.proxy))
     return Fail("--proxy must be sketch, block-bounds or none, got " + proxy);
+  if (!cli::ParseName(absl::GetFlag(FLAGS_recall_replace), RecallReplaceName, 2, o.recall_replace))
+    return Fail("--recall-replace must be unused or outranked, got " + absl::GetFlag(FLAGS_recall_replace));
   o.block_tokens = absl::GetFlag(FLAGS_block_size);
   o.max_sequences = absl::GetFlag(FLAGS_max_seqs);
 

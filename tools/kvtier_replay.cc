@@ -46,6 +46,8 @@ ABSL_FLAG(std::string, sketch, std::string(kvtier::SketchKindName(kvtier::Option
           "sketch: count-sketch | centroid | none (default: the library's)");
 ABSL_FLAG(std::string, proxy, std::string(kvtier::RecallProxyName(kvtier::Options{}.recall_proxy)),
           "recall ranking: sketch | block-bounds | none (default: the library's)");
+ABSL_FLAG(std::string, recall_replace, std::string(kvtier::RecallReplaceName(kvtier::Options{}.recall_replace)),
+          "installed tokens automatic recall may replace: unused | outranked (default: the library's)");
 ABSL_FLAG(uint64_t, seed, 1, "seed of the content model and the runtime's hashes");
 ABSL_FLAG(int64_t, max_requests, 0, "replay only the first N requests (0: all)");
 ABSL_FLAG(double, time_scale, 1.0, "virtual arrival = trace timestamp x this (0: every request arrives at once)");
@@ -139,6 +141,8 @@ int Run() {
     return Fail("--sketch must be count-sketch, centroid or none, got " + absl::GetFlag(FLAGS_sketch));
   if (!cli::ParseName(absl::GetFlag(FLAGS_proxy), RecallProxyName, 3, o.proxy))
     return Fail("--proxy must be sketch, block-bounds or none, got " + absl::GetFlag(FLAGS_proxy));
+  if (!cli::ParseName(absl::GetFlag(FLAGS_recall_replace), RecallReplaceName, 2, o.recall_replace))
+    return Fail("--recall-replace must be unused or outranked, got " + absl::GetFlag(FLAGS_recall_replace));
   const std::string budget = absl::GetFlag(FLAGS_device_budget);
   if (absl::EndsWith(budget, "%")) {
     double pct;

@@ -125,15 +125,16 @@ struct Field {
   static T From(std::string_view, const T& v) { return v; }
   static T To(const T& v) { return v; }
 };
-template <class E, std::string_view (*kName)(E)>
+template <class E, std::string_view (*kName)(E), int kCount = 3>
 struct EnumField {
   using Py = std::string;
-  static E From(std::string_view field, const std::string& s) { return ParseName<E>(field, s, kName, 3); }
+  static E From(std::string_view field, const std::string& s) { return ParseName<E>(field, s, kName, kCount); }
   static std::string To(E e) { return std::string(kName(e)); }
 };
 template <> struct Field<SketchKind> : EnumField<SketchKind, SketchKindName> {};
 template <> struct Field<VaguePolicy> : EnumField<VaguePolicy, VaguePolicyName> {};
 template <> struct Field<RecallProxy> : EnumField<RecallProxy, RecallProxyName> {};
+template <> struct Field<RecallReplace> : EnumField<RecallReplace, RecallReplaceName, 2> {};
 template <> struct Field<BackendKind> : EnumField<BackendKind, BackendKindName> {};
 #define KVTIER_FIELD(name) Field<decltype(Options::name)>
 
@@ -160,6 +161,7 @@ template <> struct Field<BackendKind> : EnumField<BackendKind, BackendKindName> 
   X(vague_policy, "What attention does with vague tokens: 'drop', 'estimate' or 'shrink' (default).")              \
   X(recall_proxy, "How recall ranks vague tokens: 'none', 'sketch' or 'block-bounds' (default).")                  \
   X(recall_tokens, "Vague tokens recalled per KV head after each attend; -1 (default): derived; 0: none.")         \
+  X(recall_replace, "Installed tokens automatic recall may replace: 'unused' (default) or 'outranked'.")           \
   X(recall_wait_us, "How long an attend waits for recalls in flight, in [0, 10^7] us. Default 0.")                 \
   X(summary_tokens, "block-bounds: vague tokens per key-bounds summary; 0 (default): derived.")                    \
   X(summary_share, "block-bounds: share of the budget for summaries, in (0, 1). Default 0.05.")                    \

@@ -662,8 +662,9 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
   }
   if (positions.empty()) return 0;
   const bool make_room = ranked == nullptr;
-  if (!make_room && (ranked->out_scores.size() != positions.size() ||
-                     ranked->staged_scores.size() != static_cast<size_t>(staging_))) {
+  const bool compare = !make_room && ranked->score_staged;  // RecallReplace::kOutranked
+  if (compare && (ranked->out_scores.size() != positions.size() ||
+                  ranked->staged_scores.size() != static_cast<size_t>(staging_))) {
     return absl::InternalError(absl::StrFormat(
         "prefetch of %d ranked tokens with %d scores and %d staged scores (staging %d): not a score_staged ranking",
         positions.size(), ranked->out_scores.size(), ranked->staged_scores.size(), staging_));
@@ -697,44 +698,42 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
   std::vector<float>& target_scores = recall_target_scores_;  // Prefetch: the proxy's score of each target
   targets.clear();
   target_scores.clear();
-  // Prefetch: the lowest score among the installed tokens it may displace;
-  // past the free slots, only targets above it can displace any.
-  const float* staged = make_room ? nullptr : ranked->staged_scores.data() - StagingSlot(0);  // by slot
+  // kOutranked: the lowest score among the installed tokens Prefetch may
+  // displace; past the free slots, only targets above it can displace any.
+  const float* staged = compare ? ranked->staged_scores.data() - StagingSlot(0) : nullptr;  // by slot
   float lowest = INFINITY;
-  for (size_t j = 0; !make_room && j < n_installed; ++j) lowest = std::min(lowest, staged[installed[j]]);
+  for (size_t j = 0; compare && j < n_installed; ++j) lowest = std::min(lowest, staged[installed[j]]);
   for (size_t r = 0; r < positions.size() && targets.size() < room; ++r) {
     const int64_t p = positions[r];
-    if (!make_room && targets.size() >= n_free && !(ranked->out_scores[r] > lowest)) break;  // scores do not rise
+    if (compare && targets.size() >= n_free && !(ranked->out_scores[r] > lowest)) break;  // scores do not rise
     if (region_[p] == static_cast<uint8_t>(Region::kVague) && !in_flight_[p]) {
       in_flight_[p] = 1;  // also marks duplicates
       targets.push_back(static_cast<int32_t>(p));
-      if (!make_room) target_scores.push_back(ranked->out_scores[r]);
+      if (compare) target_scores.push_back(ranked->out_scores[r]);
     }
   }
-  if (targets.size() > n_free && !make_room) {
-    // Prefetch: the unused installed tokens by the proxy's score, lowest
+  if (targets.size() > n_free && compare) {
+    // kOutranked: the unused installed tokens by the proxy's score, lowest
     // first (then by accumulated score and position). The targets past the
     // free slots, best first (the ranking's order), each displace the next
     // one while they score strictly higher.
+    std::vector<std::pair<std::pair<float, uint64_t>, int32_t>>& victims = recall_victims_;
+    victims.resize(n_installed);
+    for (size_t j = 0; j < n_installed; ++j) {
+      const int32_t slot = installed[j];
+      victims[j] = {{staged[slot],
+                     uint64_t{std::bit_cast<uint32_t>(slot_score_[slot] + 0.0f)} << 32 |
+                         static_cast<uint32_t>(slot_pos_[slot])},
+                    slot};
+    }
+    // Lowest first, popped as long as targets beat them: O(installed + taken log installed).
+    std::make_heap(victims.begin(), victims.end(), std::greater<>());
+    auto end = victims.end();
+    const size_t want = targets.size() - n_free;  // <= n_installed: targets fit the room
     size_t taken = 0;
-    {
-      std::vector<std::pair<std::pair<float, uint64_t>, int32_t>>& victims = recall_victims_;
-      victims.resize(n_installed);
-      for (size_t j = 0; j < n_installed; ++j) {
-        const int32_t slot = installed[j];
-        victims[j] = {{staged[slot],
-                       uint64_t{std::bit_cast<uint32_t>(slot_score_[slot] + 0.0f)} << 32 |
-                           static_cast<uint32_t>(slot_pos_[slot])},
-                      slot};
-      }
-      // Lowest first, popped as long as targets beat them: O(installed + taken log installed).
-      std::make_heap(victims.begin(), victims.end(), std::greater<>());
-      auto end = victims.end();
-      const size_t want = targets.size() - n_free;  // <= n_installed: targets fit the room
-      while (taken < want && target_scores[n_free + taken] > victims.front().first.first) {
-        std::pop_heap(victims.begin(), end--, std::greater<>());
-        free_slots[n_free + taken++] = end->second;
-      }
+    while (taken < want && target_scores[n_free + taken] > victims.front().first.first) {
+      std::pop_heap(victims.begin(), end--, std::greater<>());
+      free_slots[n_free + taken++] = end->second;
     }
     for (size_t i = n_free + taken; i < targets.size(); ++i) in_flight_[targets[i]] = 0;
     targets.resize(n_free + taken);
@@ -742,7 +741,7 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
     n_free += taken;
   }
   if (targets.empty()) return 0;
-  if (targets.size() > n_free) {  // RequestRecall: installed tokens by lowest accumulated score
+  if (targets.size() > n_free) {  // installed tokens (Prefetch: unused ones) by lowest accumulated score
     const size_t need = targets.size() - n_free;
     // The `need` lowest by (score, position), in order: one packed key per
     // slot (scores are >= 0, + 0.0f turns a -0 into +0; positions differ).

@@ -142,7 +142,7 @@ class HeadCache {
   // is set and BoundScores on every `bounds` whose bound_call is set, then
   // RankFinish selects into `out`. Nothing may change the head in between.
   // With `score_staged`, the proxy also scores the installed tokens, for
-  // Prefetch.
+  // Prefetch to compare (RecallReplace::kOutranked).
   struct RankWork {
     RecallProxy proxy = RecallProxy::kNone;
     int count = 0;
@@ -160,12 +160,14 @@ class HeadCache {
   };
   absl::Status RankPrepare(RecallProxy proxy, const void* q_group, int count, bool score_staged, RankWork& w) const;
   void RankFinish(RankWork& w) const;
-  // The automatic recall after an attend: the ranked tokens (RankFinish of
-  // a score_staged RankWork) into free staging slots, then in place of
-  // installed tokens the last attend used less than a uniform share of
-  // attention, each only where the proxy scores the recalled token strictly
-  // above the one it displaces (so that tokens the proxy ranks alike do not
-  // trade places every step). Returns how many were requested.
+  // The automatic recall after an attend: the ranked tokens (RankFinish's
+  // `out`) into free staging slots, then in place of installed tokens the
+  // last attend used less than a uniform share of attention (lowest
+  // accumulated score first). With a score_staged ranking
+  // (RecallReplace::kOutranked), a token displaces one only where the proxy
+  // scores it strictly higher (the targets best first against the installed
+  // tokens lowest first), so tokens the proxy ranks alike do not trade places
+  // every step. Returns how many were requested.
   absl::StatusOr<int> Prefetch(const RankWork& ranked);
   int64_t pending_tokens() const;
 

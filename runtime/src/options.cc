@@ -34,6 +34,14 @@ std::string_view RecallProxyName(RecallProxy p) {
   return "?";
 }
 
+std::string_view RecallReplaceName(RecallReplace r) {
+  switch (r) {
+    case RecallReplace::kUnused: return "unused";
+    case RecallReplace::kOutranked: return "outranked";
+  }
+  return "?";
+}
+
 std::string_view BackendKindName(BackendKind b) {
   switch (b) {
     case BackendKind::kAuto: return "auto";
@@ -126,6 +134,9 @@ absl::Status Options::Validate() const {
   if (recall_proxy != RecallProxy::kNone && recall_proxy != RecallProxy::kSketch &&
       recall_proxy != RecallProxy::kBlockBounds) {
     return Bad("recall_proxy", "none, sketch or block-bounds", absl::StrCat(int(recall_proxy)));
+  }
+  if (recall_replace != RecallReplace::kUnused && recall_replace != RecallReplace::kOutranked) {
+    return Bad("recall_replace", "unused or outranked", absl::StrCat(int(recall_replace)));
   }
   if (recall_proxy == RecallProxy::kSketch && sketch_kind == SketchKind::kNone && recall_tokens > 0) {
     return Bad("recall_proxy", "none or block-bounds when sketch_kind is none and recall_tokens > 0", "sketch");

@@ -561,7 +561,9 @@ absl::StatusOr<AttendCounts> Runtime::AttendBatch(int layer, absl::Span<const At
       for (int h = 0; h < H; ++h) {
         if (absl::Status st = I.Head(*held[i].seq, layer, h)
                                   .RankPrepare(I.options.recall_proxy, I.QueryGroup(items[i].q, h),  // q unused plan-only
-                                               I.plan.recall_tokens, /*score_staged=*/true, work[i * H + h]);
+                                               I.plan.recall_tokens,
+                                               /*score_staged=*/I.options.recall_replace == RecallReplace::kOutranked,
+                                               work[i * H + h]);
             !st.ok())
           return st;
       }

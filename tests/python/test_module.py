@@ -84,7 +84,8 @@ def test_options_every_field_is_a_keyword_and_attribute():
                   sink_tokens=8, recent_tokens=32, candidate_tokens=16, staging_tokens=8, recent_share=0.3,
                   candidate_share=0.3, staging_share=0.2, sketch_share=0.2, score_decay=0.8,
                   sketch_kind="count-sketch", sketch_rows=2, sketch_width=64, vague_policy="estimate",
-                  recall_proxy="sketch", recall_tokens=4, recall_wait_us=10, summary_tokens=32,
+                  recall_proxy="sketch", recall_tokens=4, recall_replace="outranked", recall_wait_us=10,
+                  summary_tokens=32,
                   summary_share=0.1, block_tokens=16, host_tier_bytes=1 << 24, attention_scale=0.2,
                   nvme_dir="/tmp/x", nvme_bytes=1 << 26, io_queue_depth=8, demote_high=0.95, demote_low=0.5,
                   seed=7, backend="cpu")
@@ -104,6 +105,7 @@ def test_options_every_field_is_a_keyword_and_attribute():
     assert kvtier.Options().device_budget_fraction == 0.10
     assert kvtier.Options().sketch_kind == "centroid"
     assert kvtier.Options().recall_proxy == "block-bounds"
+    assert kvtier.Options().recall_replace == "unused"
     assert kvtier.Options().score_decay == 0.9
 
 
@@ -111,6 +113,7 @@ def test_options_every_field_is_a_keyword_and_attribute():
     ("sketch_kind", "'none', 'count-sketch', 'centroid'"),
     ("vague_policy", "'drop', 'estimate', 'shrink'"),
     ("recall_proxy", "'none', 'sketch', 'block-bounds'"),
+    ("recall_replace", "'unused', 'outranked'"),
     ("backend", "'auto', 'cpu', 'cuda'"),
 ])
 def test_unknown_enum_name_lists_the_accepted_ones(field, accepted):

@@ -205,6 +205,7 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
   o.vague_policy = options.sketch == SketchKind::kNone ? VaguePolicy::kDrop : options.policy;
   o.recall_proxy = options.sketch == SketchKind::kNone && options.proxy == RecallProxy::kSketch ? RecallProxy::kNone
                                                                                                  : options.proxy;
+  o.recall_replace = options.recall_replace;
   o.seed = options.seed * 0x9e3779b97f4a7c15ull + 0x6b7674696572ull;
   // --content none: the same runtime without contents; the content model's
   // expected attention shares stand in for the kernels' softmax.
@@ -462,6 +463,7 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
     res.bytes_d2h += after.d2h - before.d2h;
     res.bytes_nvme_write += after.nvme_write - before.nvme_write;
     res.recall_requested += requested;
+    res.recall_steps += requested > 0;
     // Virtual clock: attention reads the resident K/V and the sketches; the
     // recalls this step requested travel while the next step computes.
     const double compute_us =
@@ -532,7 +534,9 @@ std::string ReplaySummary(const ReplayResult& r, const ReplayOptions& o) {
                         r.budget_bytes, r.peak_host_bytes, r.peak_nvme_bytes);
   absl::StrAppendFormat(&s, "served (token-heads): exact %.2f%%, from sketch %.2f%%, dropped %.2f%%\n",
                         pct(r.served_exact, served), pct(r.served_sketch, served), pct(r.served_dropped, served));
-  absl::StrAppendFormat(&s, "recall: %d token-heads requested, %.2f%% late by the virtual clock\n", r.recall_requested,
+  absl::StrAppendFormat(&s, "recall (replaces %s tokens): %d token-heads requested in %d steps, %.2f%% late by the "
+                        "virtual clock\n",
+                        RecallReplaceName(o.recall_replace), r.recall_requested, r.recall_steps,
                         pct(r.recall_late, r.recall_requested));
   absl::StrAppendFormat(&s, "bytes: device->host %d, host->device %d, NVMe read %d, NVMe write %d\n", r.bytes_d2h,
                         r.bytes_h2d, r.bytes_nvme_read, r.bytes_nvme_write);
@@ -596,6 +600,7 @@ std::string ReplayJson(const ReplayResult& r, const ReplayOptions& o) {
   dbl("dropped_rate", rate(r.served_dropped, served));
   dbl("late_rate", rate(r.recall_late, r.recall_requested));
   i64("recall_requested", r.recall_requested);
+  i64("recall_steps", r.recall_steps);
   i64("bytes_d2h", r.bytes_d2h);
   i64("bytes_h2d", r.bytes_h2d);
   i64("bytes_nvme_read", r.bytes_nvme_read);

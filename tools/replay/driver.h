@@ -51,6 +51,7 @@ struct ReplayOptions {
   SketchKind sketch = SketchKind::kCountSketch;
   VaguePolicy policy = VaguePolicy::kShrink;
   RecallProxy proxy = RecallProxy::kSketch;
+  RecallReplace recall_replace = RecallReplace::kUnused;
   int prefill_chunk = 512;          // prompt tokens per Append call
   // Prefix store: K/V of prompt blocks (by hash id) kept after their prefill,
   // least recently used first out, host part then NVMe part; 0 = none.
@@ -91,6 +92,7 @@ struct ReplayResult {
   int64_t budget_bytes = 0, per_sequence_bytes = 0;
   int64_t served_exact = 0, served_sketch = 0, served_dropped = 0;
   int64_t recall_requested = 0, recall_late = 0;  // token-heads; late by the virtual clock
+  int64_t recall_steps = 0;         // decode steps that requested any recall
   int64_t bytes_d2h = 0, bytes_h2d = 0, bytes_nvme_read = 0, bytes_nvme_write = 0;
   int64_t prefix_blocks = 0, prefix_hits_host = 0, prefix_hits_nvme = 0;
   int64_t prefix_bytes_loaded = 0;  // K/V of prefix hits copied instead of recomputed

@@ -26,6 +26,7 @@ Options RuntimeOptions(const PlanOptions& p, int64_t context, int64_t sequences)
   o.sketch_kind = p.sketch;
   o.vague_policy = p.sketch == SketchKind::kNone ? VaguePolicy::kDrop : p.policy;
   o.recall_proxy = p.sketch == SketchKind::kNone && p.proxy == RecallProxy::kSketch ? RecallProxy::kNone : p.proxy;
+  o.recall_replace = p.recall_replace;
   return o;
 }
 
@@ -41,9 +42,9 @@ std::string Bytes(double b) {
 
 }  // namespace
 
-absl::StatusOr<double> RecallSample(const PlanOptions& p, int64_t context) {
+absl::StatusOr<RecallRate> RecallSample(const PlanOptions& p, int64_t context) {
   const int64_t decode = std::min(p.decode_tokens, context - 1);
-  if (decode < 1) return 0.0;
+  if (decode < 1) return RecallRate{};
   absl::StatusOr<Trace> trace = ParseTrace(absl::StrCat("0,", context - decode, ",", decode, "\n"), {}, "sample.csv");
   if (!trace.ok()) return trace.status();
   ReplayOptions o;
@@ -57,12 +58,18 @@ absl::StatusOr<double> RecallSample(const PlanOptions& p, int64_t context) {
   o.sketch = p.sketch;
   o.policy = p.policy;
   o.proxy = p.proxy;
+  o.recall_replace = p.recall_replace;
   o.seed = p.seed;
   o.profile = p.profile;
   o.profile.host_bytes = 0;  // no tier caps: the sample measures recalls, not room
   absl::StatusOr<ReplayResult> r = RunReplay(*trace, o);
   if (!r.ok()) return r.status();
-  return r->decode_tokens > 0 ? static_cast<double>(r->bytes_h2d) / static_cast<double>(r->decode_tokens) : 0.0;
+  RecallRate rate;
+  if (r->decode_steps > 0) {
+    rate.h2d_bytes_per_step = static_cast<double>(r->bytes_h2d) / static_cast<double>(r->decode_steps);
+    rate.recall_step_share = static_cast<double>(r->recall_steps) / static_cast<double>(r->decode_steps);
+  }
+  return rate;
 }
 
 absl::StatusOr<PlanResult> RunPlan(const PlanOptions& p) {
@@ -173,17 +180,18 @@ absl::StatusOr<PlanResult> RunPlan(const PlanOptions& p) {
     // resident regions; the recall sample's tokens recalled).
     const int64_t heads = n * L * H;
     const bool spills = plan->compressed && C > resident;
-    double sample_bytes = 0;  // per sequence and step
+    RecallRate rate;  // per sequence and step
     if (spills && plan->recall_tokens > 0) {
-      absl::StatusOr<double> b = RecallSample(p, C);
+      absl::StatusOr<RecallRate> b = RecallSample(p, C);
       if (!b.ok()) {
         return absl::Status(b.status().code(), absl::StrFormat("context %d: recall sample: %s", C, b.status().message()));
       }
-      sample_bytes = *b;
+      rate = *b;
     }
-    const double recall = sample_bytes / static_cast<double>(L * H * tok);  // tokens per head and step
+    const double recall = rate.h2d_bytes_per_step / static_cast<double>(L * H * tok);  // tokens per head and step
     row.recall_tokens_per_head_step = recall;
-    row.h2d_bytes_per_step = std::llround(static_cast<double>(n) * sample_bytes);
+    row.recall_step_share = rate.recall_step_share;
+    row.h2d_bytes_per_step = std::llround(static_cast<double>(n) * rate.h2d_bytes_per_step);
     row.d2h_bytes_per_step = spills ? heads * tok : 0;
     row.nvme_write_bytes_per_step = row.nvme_bytes > 0 ? row.d2h_bytes_per_step : 0;
     const double on_nvme = tier_total > 0 ? static_cast<double>(row.nvme_bytes) / tier_total : 0.0;
@@ -195,8 +203,11 @@ absl::StatusOr<PlanResult> RunPlan(const PlanOptions& p) {
     const int64_t exact = plan->compressed ? std::min<int64_t>(C, plan->slots()) : C;
     const double compute_per_seq =
         static_cast<double>(L * H) * (exact * tok + plan->per_head.sketch) / (hw.device_gbps * 1e3);
+    // The replay charges the latency to every KV head of a step that
+    // recalled (under the fold all heads recall alike): the sample's share of
+    // such steps.
     const double transfer_per_seq =
-        recall > 0 ? static_cast<double>(L * H) * (recall * tok / (hw.h2d_gbps * 1e3) + hw.h2d_latency_us) : 0.0;
+        static_cast<double>(L * H) * (recall * tok / (hw.h2d_gbps * 1e3) + rate.recall_step_share * hw.h2d_latency_us);
     row.compute_us = hw.step_base_us + n * compute_per_seq;
     row.transfer_us = n * transfer_per_seq;
     if (transfer_per_seq > compute_per_seq) {
@@ -285,7 +296,8 @@ std::string PlanJson(const PlanResult& r, const PlanOptions& o) {
     i64("d2h_bytes_per_step", w.d2h_bytes_per_step);
     i64("nvme_write_bytes_per_step", w.nvme_write_bytes_per_step);
     i64("nvme_read_bytes_per_step_max", w.nvme_read_bytes_per_step_max);
-    absl::StrAppendFormat(&s, "\"recall_tokens_per_head_step\": %.6g, ", w.recall_tokens_per_head_step);
+    absl::StrAppendFormat(&s, "\"recall_tokens_per_head_step\": %.6g, \"recall_step_share\": %.6g, ",
+                          w.recall_tokens_per_head_step, w.recall_step_share);
     absl::StrAppendFormat(&s, "\"compute_us\": %.6g, \"transfer_us\": %.6g, ", w.compute_us, w.transfer_us);
     i64("recent_tokens", w.plan.recent_tokens);
     i64("candidate_tokens", w.plan.candidate_tokens);

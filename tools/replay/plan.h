@@ -32,6 +32,7 @@ struct PlanOptions {
   SketchKind sketch = SketchKind::kCountSketch;
   VaguePolicy policy = VaguePolicy::kShrink;
   RecallProxy proxy = RecallProxy::kSketch;
+  RecallReplace recall_replace = RecallReplace::kUnused;
   int block_tokens = 0;                // host-tier block tokens (0: the runtime's default)
   int max_sequences = 0;               // sequence-slot cap (0: none; the runtime's limit is 65536)
   std::vector<int64_t> contexts;       // tokens (prompt + output) of a sequence, one row each
@@ -59,6 +60,7 @@ struct PlanRow {
   // Per decode step with `sequences` live at the full context.
   int64_t h2d_bytes_per_step = 0;       // recalls: `sequences` x the recall sample's bytes per step
   double recall_tokens_per_head_step = 0;  // the recall sample's tokens per layer, KV head and step
+  double recall_step_share = 0;        // the recall sample's share of steps with a recall
   int64_t d2h_bytes_per_step = 0;       // tokens leaving the device
   int64_t nvme_write_bytes_per_step = 0;  // demotions once the host tier is full
   int64_t nvme_read_bytes_per_step_max = 0;  // recalls from NVMe blocks, none of them hot (an upper bound)
@@ -81,13 +83,17 @@ std::vector<int64_t> TraceContexts(const Trace& trace, int token_scale);
 // rounded up); 0 for an empty trace.
 int64_t TraceDecodeTokens(const Trace& trace, int token_scale);
 
-// Host->device bytes per decode step of one sequence at `context` tokens: a
+// The recall traffic of one sequence at `context` tokens, from a
 // kvtier-replay (--content none, folded) of one request of
 // context - decode prompt and decode output tokens, decode =
 // min(decode_tokens, context - 1). No closed form gives it: a recall happens
 // when a vague token outranks an installed one, which depends on how the
 // attention is spread (the replay's content model).
-absl::StatusOr<double> RecallSample(const PlanOptions& options, int64_t context);
+struct RecallRate {
+  double h2d_bytes_per_step = 0;  // host->device bytes per decode step, all layers and KV heads
+  double recall_step_share = 0;   // share of decode steps that recalled anything
+};
+absl::StatusOr<RecallRate> RecallSample(const PlanOptions& options, int64_t context);
 
 std::string PlanTable(const PlanResult& r, const PlanOptions& o);
 std::string PlanJson(const PlanResult& r, const PlanOptions& o);  // stable keys

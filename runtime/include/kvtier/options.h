@@ -56,6 +56,20 @@ enum class RecallProxy : uint8_t {
   kBlockBounds = 2,
 };
 
+// Which installed (recalled) tokens the automatic recall may give the slot
+// of to a newly ranked token. Either way only those the last attend used
+// less than a uniform share of attention; the others keep their slot.
+enum class RecallReplace : uint8_t {
+  // Any of them, for the best-ranked tokens not yet there: the staged set
+  // follows the proxy's picks for each query, and tokens the proxy ranks
+  // alike trade places every step (up to recall_tokens per KV head and step).
+  kUnused = 0,
+  // Only for a token the proxy scores strictly higher, under the same query
+  // and in the same ranking call: recall moves tokens only when the ranking
+  // improves (a few percent of the steps; docs/fidelity.md has the cost).
+  kOutranked = 1,
+};
+
 enum class BackendKind : uint8_t {
   kAuto = 0,  // CUDA when a device and the CUDA backend are present, else CPU
   kCpu = 1,
@@ -66,6 +80,7 @@ std::string_view SketchKindName(SketchKind k);
 std::string_view VaguePolicyName(VaguePolicy p);
 std::string_view BackendKindName(BackendKind b);
 std::string_view RecallProxyName(RecallProxy p);
+std::string_view RecallReplaceName(RecallReplace r);
 
 // Smallest recent window and sketch the budget planner accepts.
 inline constexpr int kMinRecentTokens = 16;
@@ -133,6 +148,10 @@ struct Options {
   // staging_tokens / 4, at least 1 when there is staging (0 for the sketch
   // proxy without a sketch); 0: none. At most staging_tokens.
   int recall_tokens = -1;
+  // Default kUnused: on SmolLM2-135M its mean KL to the full cache is 4-14%
+  // lower than kOutranked's at 5-25% budgets (2k and 8k tokens), for 2-83x
+  // the host->device traffic (docs/fidelity.md, docs/results.md).
+  RecallReplace recall_replace = RecallReplace::kUnused;
   // How long an attend waits for recalls in flight before serving their
   // tokens from the sketch. Default 0 (never waits), in [0, 10^7] us.
   int64_t recall_wait_us = 0;
