@@ -957,7 +957,8 @@ absl::Status HeadCache::RankPrepare(RecallProxy proxy, const void* q_group, int 
           w.out.push_back(pos);
           w.out_scores.push_back(score);
         }
-        return static_cast<int>(w.out.size()) < count && (score > lowest || static_cast<int>(w.out.size()) < free_slots);
+        const int taken = static_cast<int>(w.out.size());
+        return taken < count && (score > lowest || taken < free_slots);
       });
       if (static_cast<int>(w.out.size()) == count) break;
     }
@@ -1046,7 +1047,9 @@ void HeadCache::RankFinish(RankWork& w) const {
   const int64_t S = ctx_.plan->summary_tokens;
   if (w.score_staged) {  // installed tokens share no ids with the vague ones
     if (w.proxy == RecallProxy::kSketch) {
-      for (size_t j = w.staged_from; j < w.ids.size(); ++j) w.staged_scores[index_[w.ids[j]] - StagingSlot(0)] = w.scores[j];
+      for (size_t j = w.staged_from; j < w.ids.size(); ++j) {
+        w.staged_scores[index_[w.ids[j]] - StagingSlot(0)] = w.scores[j];
+      }
     } else {
       for (int32_t i = 0; i < staging_; ++i) {
         const int32_t pos = slot_pos_[StagingSlot(i)];
