@@ -66,7 +66,7 @@ enum class RecallReplace : uint8_t {
   kUnused = 0,
   // Only for a token the proxy scores strictly higher, under the same query
   // and in the same ranking call: recall moves tokens only when the ranking
-  // improves (a few percent of the steps; docs/fidelity.md has the cost).
+  // improves (docs/results.md has the traffic, docs/fidelity.md the cost).
   kOutranked = 1,
 };
 
