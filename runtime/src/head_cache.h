@@ -9,8 +9,9 @@
 // memory holds K/V slots, the sketch, key bounds and, for multi-row
 // Count-Sketch, a mirror of the vague list.
 //
-// Recall is asynchronous: RequestRecall reserves staging slots (sending their
-// lowest-scored tokens back to the sketch) and asks the block store to copy
+// Recall is asynchronous: RequestRecall (explicit) and Prefetch (after each
+// attend) reserve staging slots (sending the tokens they held back to the
+// sketch) and ask the block store to copy
 // the tokens' exact K/V into them; until PollRecalls installs a completed
 // transfer, the tokens stay vague and attention uses the sketch for them.
 //
@@ -142,7 +143,9 @@ class HeadCache {
   // is set and BoundScores on every `bounds` whose bound_call is set, then
   // RankFinish selects into `out`. Nothing may change the head in between.
   // With `score_staged`, the proxy also scores the installed tokens, for
-  // Prefetch to compare (RecallReplace::kOutranked).
+  // Prefetch to compare (RecallReplace::kOutranked); plan-only, the ranking
+  // then stops where nothing more could be prefetched, so `out` may hold
+  // fewer than `count`.
   struct RankWork {
     RecallProxy proxy = RecallProxy::kNone;
     int count = 0;
