@@ -11,9 +11,9 @@
 //
 // Recall is asynchronous: RequestRecall (explicit) and Prefetch (after each
 // attend) reserve staging slots (sending the tokens they held back to the
-// sketch) and ask the block store to copy
-// the tokens' exact K/V into them; until PollRecalls installs a completed
-// transfer, the tokens stay vague and attention uses the sketch for them.
+// sketch) and ask the block store to copy the tokens' exact K/V into them;
+// until PollRecalls installs a completed transfer, the tokens stay vague and
+// attention uses the sketch for them.
 //
 // Plan-only (Options::plan_only): the same bookkeeping without contents. No
 // kernel runs and no K/V are read or written (src.k, src.v are null); each
