@@ -150,6 +150,29 @@ absl::StatusOr<Options> FoldedOptions(const Options& o) {
   return f;
 }
 
+Options ReplayRuntimeOptions(const ReplayOptions& options, int64_t max_context) {
+  Options o;
+  o.shape = options.shape;
+  o.max_context = max_context;
+  o.max_sequences = options.max_sequences;
+  o.device_budget_bytes = options.device_budget_bytes;
+  o.device_budget_fraction = options.device_budget_fraction;
+  o.host_tier_bytes = options.host_bytes;
+  o.nvme_dir = options.nvme_dir;
+  o.nvme_bytes = options.nvme_bytes;
+  o.block_tokens = options.block_tokens;
+  o.sketch_kind = options.sketch;
+  o.vague_policy = options.sketch == SketchKind::kNone ? VaguePolicy::kDrop : options.policy;
+  o.recall_proxy = options.sketch == SketchKind::kNone && options.proxy == RecallProxy::kSketch ? RecallProxy::kNone
+                                                                                                 : options.proxy;
+  o.recall_replace = options.recall_replace;
+  o.seed = options.seed * 0x9e3779b97f4a7c15ull + 0x6b7674696572ull;
+  // --content none: the same runtime without contents; the content model's
+  // expected attention shares stand in for the kernels' softmax.
+  o.plan_only = options.content == ContentLevel::kNone;
+  return o;
+}
+
 double Percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0.0;
   std::sort(v.begin(), v.end());
@@ -191,25 +214,7 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
   }
   const int64_t max_context = options.max_context > 0 ? options.max_context : CeilDiv(longest, block) * block;
 
-  Options o;
-  o.shape = sh;
-  o.max_context = max_context;
-  o.max_sequences = options.max_sequences;
-  o.device_budget_bytes = options.device_budget_bytes;
-  o.device_budget_fraction = options.device_budget_fraction;
-  o.host_tier_bytes = options.host_bytes;
-  o.nvme_dir = options.nvme_dir;
-  o.nvme_bytes = options.nvme_bytes;
-  o.block_tokens = options.block_tokens;
-  o.sketch_kind = options.sketch;
-  o.vague_policy = options.sketch == SketchKind::kNone ? VaguePolicy::kDrop : options.policy;
-  o.recall_proxy = options.sketch == SketchKind::kNone && options.proxy == RecallProxy::kSketch ? RecallProxy::kNone
-                                                                                                 : options.proxy;
-  o.recall_replace = options.recall_replace;
-  o.seed = options.seed * 0x9e3779b97f4a7c15ull + 0x6b7674696572ull;
-  // --content none: the same runtime without contents; the content model's
-  // expected attention shares stand in for the kernels' softmax.
-  o.plan_only = options.content == ContentLevel::kNone;
+  Options o = ReplayRuntimeOptions(options, max_context);
   const bool plan_only = o.plan_only;
   const bool disk_tier = !plan_only && !o.nvme_dir.empty();
   absl::StatusOr<BudgetPlan> model_plan = PlanBudget(o);

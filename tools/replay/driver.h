@@ -127,6 +127,11 @@ std::string ReplaySummary(const ReplayResult& r, const ReplayOptions& options);
 std::string ReplayJson(const ReplayResult& r, const ReplayOptions& options);
 std::string RequestsCsv(const ReplayResult& r);
 
+// The runtime options a replay with `options` creates its runtime with, for
+// contexts up to `max_context` tokens (no sketch: the drop policy, and no
+// ranking by the sketch).
+Options ReplayRuntimeOptions(const ReplayOptions& options, int64_t max_context);
+
 double Percentile(std::vector<double> v, double p);
 
 // The options of a plan-only runtime of one layer and one KV head that

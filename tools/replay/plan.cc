@@ -15,19 +15,29 @@ constexpr int64_t kMaxSlots = 65536;  // Options::max_sequences
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The runtime options kvtier-replay creates its runtime with (driver.cc).
-Options RuntimeOptions(const PlanOptions& p, int64_t context, int64_t sequences) {
-  Options o;
+// A --content none replay of `sequences` slots at `context` tokens with the
+// plan's model and budget policy, no tier caps.
+ReplayOptions PlanReplay(const PlanOptions& p, int64_t context, int64_t sequences) {
+  ReplayOptions o;
   o.shape = p.shape;
-  o.max_context = context;
+  o.content = ContentLevel::kNone;
+  o.time_scale = 0;
   o.max_sequences = static_cast<int>(sequences);
+  o.max_context = context;
   o.device_budget_fraction = p.device_budget_fraction;
   o.block_tokens = p.block_tokens;
-  o.sketch_kind = p.sketch;
-  o.vague_policy = p.sketch == SketchKind::kNone ? VaguePolicy::kDrop : p.policy;
-  o.recall_proxy = p.sketch == SketchKind::kNone && p.proxy == RecallProxy::kSketch ? RecallProxy::kNone : p.proxy;
+  o.sketch = p.sketch;
+  o.policy = p.policy;
+  o.proxy = p.proxy;
   o.recall_replace = p.recall_replace;
+  o.seed = p.seed;
+  o.profile = p.profile;
   return o;
+}
+
+// The runtime options kvtier-replay creates its runtime with.
+Options RuntimeOptions(const PlanOptions& p, int64_t context, int64_t sequences) {
+  return ReplayRuntimeOptions(PlanReplay(p, context, sequences), context);
 }
 
 std::string Limit(int64_t v) { return v < 0 ? "-" : absl::StrCat(v); }
@@ -47,22 +57,8 @@ absl::StatusOr<RecallRate> RecallSample(const PlanOptions& p, int64_t context) {
   if (decode < 1) return RecallRate{};
   absl::StatusOr<Trace> trace = ParseTrace(absl::StrCat("0,", context - decode, ",", decode, "\n"), {}, "sample.csv");
   if (!trace.ok()) return trace.status();
-  ReplayOptions o;
-  o.shape = p.shape;
-  o.content = ContentLevel::kNone;
-  o.time_scale = 0;
-  o.max_sequences = 1;
-  o.max_context = context;
-  o.device_budget_fraction = p.device_budget_fraction;
-  o.block_tokens = p.block_tokens;
-  o.sketch = p.sketch;
-  o.policy = p.policy;
-  o.proxy = p.proxy;
-  o.recall_replace = p.recall_replace;
-  o.seed = p.seed;
-  o.profile = p.profile;
-  o.profile.host_bytes = 0;  // no tier caps: the sample measures recalls, not room
-  absl::StatusOr<ReplayResult> r = RunReplay(*trace, o);
+  // No tier caps: the sample measures recalls, not room.
+  absl::StatusOr<ReplayResult> r = RunReplay(*trace, PlanReplay(p, context, 1));
   if (!r.ok()) return r.status();
   RecallRate rate;
   if (r->decode_steps > 0) {
