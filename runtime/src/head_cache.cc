@@ -21,6 +21,12 @@ struct ByScore {
   }
 };
 
+// (score, position) as one integer that orders as the pair does: scores are
+// >= 0 (+ 0.0f turns a -0 into +0), so their bits order as the floats do.
+uint64_t ScoreKey(float score, int32_t pos) {
+  return uint64_t{std::bit_cast<uint32_t>(score + 0.0f)} << 32 | static_cast<uint32_t>(pos);
+}
+
 float InitialScore(const AppendSource& src, int64_t row) {
   return src.scores ? src.scores[row * src.score_stride] : 0.0f;
 }
@@ -194,21 +200,17 @@ void HeadCache::PlanAppend(int64_t n, const AppendSource& src, AppendPlan& plan)
     } else {
       // Keep the best `candidates_` of the current candidates and the leaving
       // tokens; the rest become vague.
-      // ByScore as one integer per token: scores are >= 0 (+ 0.0f turns a
-      // -0 into +0), so their bits order as the floats do; positions break ties.
-      auto key = [](float score, int32_t pos) {
-        return uint64_t{std::bit_cast<uint32_t>(score + 0.0f)} << 32 | static_cast<uint32_t>(pos);
-      };
+      // ByScore as one integer per token (ScoreKey); positions break ties.
       std::vector<uint64_t>& pool = pool_;
       pool.clear();
       for (int32_t i = 0; i < n_candidates_; ++i) {
         const int32_t slot = CandidateSlot(i);
-        pool.push_back(key(slot_score_[slot], slot_pos_[slot]));
+        pool.push_back(ScoreKey(slot_score_[slot], slot_pos_[slot]));
       }
-      for (const Move& m : leaving) pool.push_back(key(m.score, m.pos));
+      for (const Move& m : leaving) pool.push_back(ScoreKey(m.score, m.pos));
       std::nth_element(pool.begin(), pool.begin() + (candidates_ - 1), pool.end(), std::greater<>());
       const uint64_t kth = pool[candidates_ - 1];
-      auto kept = [&](const Move& m) { return key(m.score, m.pos) >= kth; };  // at least as good as the kth
+      auto kept = [&](const Move& m) { return ScoreKey(m.score, m.pos) >= kth; };  // at least as good as the kth
       std::vector<int32_t>& free_slots = free_scratch_;
       free_slots.clear();
       for (int32_t i = 0; i < n_candidates_; ++i) {
@@ -721,10 +723,7 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
     victims.resize(n_installed);
     for (size_t j = 0; j < n_installed; ++j) {
       const int32_t slot = installed[j];
-      victims[j] = {{staged[slot],
-                     uint64_t{std::bit_cast<uint32_t>(slot_score_[slot] + 0.0f)} << 32 |
-                         static_cast<uint32_t>(slot_pos_[slot])},
-                    slot};
+      victims[j] = {{staged[slot], ScoreKey(slot_score_[slot], slot_pos_[slot])}, slot};
     }
     // Lowest first, popped as long as targets beat them: O(installed + taken log installed).
     std::make_heap(victims.begin(), victims.end(), std::greater<>());
@@ -743,15 +742,13 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
   if (targets.empty()) return 0;
   if (targets.size() > n_free) {  // installed tokens (Prefetch: unused ones) by lowest accumulated score
     const size_t need = targets.size() - n_free;
-    // The `need` lowest by (score, position), in order: one packed key per
-    // slot (scores are >= 0, + 0.0f turns a -0 into +0; positions differ).
+    // The `need` lowest by (score, position), in order: one ScoreKey per
+    // slot (positions differ).
     std::vector<std::pair<uint64_t, int32_t>>& keyed = recall_keyed_;
     keyed.resize(n_installed);
     for (size_t j = 0; j < n_installed; ++j) {
       const int32_t slot = installed[j];
-      keyed[j] = {uint64_t{std::bit_cast<uint32_t>(slot_score_[slot] + 0.0f)} << 32 |
-                      static_cast<uint32_t>(slot_pos_[slot]),
-                  slot};
+      keyed[j] = {ScoreKey(slot_score_[slot], slot_pos_[slot]), slot};
     }
     auto lower = [](const auto& a, const auto& b) { return a.first < b.first; };
     if (need < keyed.size()) std::nth_element(keyed.begin(), keyed.begin() + need, keyed.end(), lower);
