@@ -678,9 +678,13 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
   if (recall_free_.size() != static_cast<size_t>(staging_)) {
     recall_free_.assign(staging_, 0);
     recall_installed_.assign(staging_, 0);
+    recall_keyed_.assign(staging_, 0);
   }
   int32_t* free_slots = recall_free_.data();
   int32_t* installed = recall_installed_.data();
+  // The installed tokens' (accumulated score, position) keys, for taking the
+  // lowest; a key's position gives back its slot.
+  uint64_t* keyed = recall_keyed_.data();
   // slot_probs sum over the query group: a uniform share is group / resident.
   const float uniform =
       last_resident_ > 0 ? ctx_.options->shape.group() / static_cast<float>(last_resident_) : 0.0f;
@@ -693,6 +697,7 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
     free_slots[n_free] = slot;
     n_free += stage_[i] == Stage::kFree;
     installed[n_installed] = slot;
+    keyed[n_installed] = ScoreKey(slot_score_[slot], slot_pos_[slot]);
     n_installed += (stage_[i] == Stage::kInstalled) & (make_room | !used);
   }
   const size_t room = n_free + n_installed;
@@ -742,22 +747,13 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
   if (targets.empty()) return 0;
   if (targets.size() > n_free) {  // installed tokens (Prefetch: unused ones) by lowest accumulated score
     const size_t need = targets.size() - n_free;
-    // The `need` lowest by (score, position), in order: one ScoreKey per
-    // slot (positions differ).
-    std::vector<std::pair<uint64_t, int32_t>>& keyed = recall_keyed_;
-    keyed.resize(n_installed);
-    for (size_t j = 0; j < n_installed; ++j) {
-      const int32_t slot = installed[j];
-      keyed[j] = {ScoreKey(slot_score_[slot], slot_pos_[slot]), slot};
-    }
-    auto lower = [](const auto& a, const auto& b) { return a.first < b.first; };
-    if (need < keyed.size()) std::nth_element(keyed.begin(), keyed.begin() + need, keyed.end(), lower);
-    keyed.resize(need);
+    // The `need` lowest keys (positions differ, so keys do too), in order.
+    if (need < n_installed) std::nth_element(keyed, keyed + need, keyed + n_installed);
     // Their order is the order they re-enter the sketch; plan-only has no
     // sketch, and the order decides nothing there.
-    if (!plan_only_) std::sort(keyed.begin(), keyed.end(), lower);
+    if (!plan_only_) std::sort(keyed, keyed + need);
     // The slots taken join the free ones.
-    for (size_t i = 0; i < need; ++i) free_slots[n_free + i] = keyed[i].second;
+    for (size_t i = 0; i < need; ++i) free_slots[n_free + i] = static_cast<int32_t>(index_[keyed[i] & 0xffffffffu]);
     if (absl::Status st = Unstage(std::span<const int32_t>(free_slots + n_free, need)); !st.ok()) return st;
     n_free += need;
   }
@@ -773,6 +769,7 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
   p.positions.reserve(order.size());
   p.slots.reserve(order.size());
   std::vector<GatherPart> parts;
+  parts.reserve(order.size());
   const uint32_t bt = static_cast<uint32_t>(block_tokens());
   size_t i = 0;
   while (i < order.size()) {

@@ -331,7 +331,7 @@ class HeadCache {
   std::vector<int32_t> recall_free_, recall_installed_, recall_targets_, unstage_pos_, install_pos_, install_slots_;
   std::vector<float> recall_target_scores_;
   std::vector<uint64_t> recall_order_;
-  std::vector<std::pair<uint64_t, int32_t>> recall_keyed_;
+  std::vector<uint64_t> recall_keyed_;
   std::vector<std::pair<std::pair<float, uint64_t>, int32_t>> recall_victims_;
   std::vector<int32_t> scratch_[5];  // ApplyAppend's lists of slots and positions
 };
