@@ -231,5 +231,71 @@ TEST(AsyncRecall, BlockBoundsProxyRecallsTheGroupAttentionNeeds) {
   KVTIER_EXPECT_OK((*rt)->CheckInvariants());
 }
 
+// Key-bounds ranking with each kind of within-group order (centroid classes,
+// a two-row Count-Sketch's per-token scores, none), with tokens in flight
+// and recalled, over 40 decode steps: a fingerprint of every RankVague
+// answer and of what automatic recall left. Recorded when RankFinish
+// gathered and sorted every vague token per call; a faster path must choose
+// the same tokens in the same order.
+TEST(AsyncRecall, KeyBoundsRankingIsUnchanged) {
+  struct Case {
+    const char* name;
+    SketchKind sketch;
+    int rows;
+    VaguePolicy policy;
+    uint64_t fingerprint;
+  };
+  for (const Case& c : {Case{"centroid", SketchKind::kCentroid, 1, VaguePolicy::kShrink, 8681223230149820199ull},
+                        Case{"count-sketch x2", SketchKind::kCountSketch, 2, VaguePolicy::kShrink, 7020812536153054540ull},
+                        Case{"no sketch", SketchKind::kNone, 0, VaguePolicy::kDrop, 14041635531005986388ull}}) {
+    SCOPED_TRACE(c.name);
+    Options o = RecallOptions();
+    o.recall_proxy = RecallProxy::kBlockBounds;
+    o.sketch_kind = c.sketch;
+    o.sketch_rows = c.rows;
+    o.vague_policy = c.policy;
+    if (c.sketch == SketchKind::kNone) o.sketch_width = 0;
+    o.staging_tokens = 48;
+    o.recall_tokens = 12;
+    o.summary_tokens = 32;
+    auto rt = Runtime::Create(o);
+    ASSERT_TRUE(rt.ok()) << rt.status();
+    KVTIER_ASSERT_OK((*rt)->AddSequence(1));
+    const int n = 900, H = 2, d = 64;
+    // Keys of varied scale, so that groups' bounds differ.
+    std::vector<float> k = RandomNormal(n * H * d, 21);
+    for (int64_t i = 0; i < n * H; ++i)
+      for (int j = 0; j < d; ++j) k[i * d + j] *= 0.25f + static_cast<float>((i / 7) % 5) * 0.3f;
+    KVTIER_ASSERT_OK((*rt)->Append(1, 0, k.data(), RandomNormal(n * H * d, 22).data(), n));
+    uint64_t h = 1469598103934665603ull;
+    auto fold = [&](int64_t x) {
+      h ^= static_cast<uint64_t>(x);
+      h *= 1099511628211ull;
+    };
+    std::vector<float> out(4 * d);
+    for (int step = 0; step < 40; ++step) {
+      const std::vector<float> q = RandomNormal(4 * d, 100 + step);
+      KVTIER_ASSERT_OK((*rt)->Append(1, 0, RandomNormal(H * d, 200 + step).data(),
+                                     RandomNormal(H * d, 300 + step).data(), 1));
+      ASSERT_TRUE((*rt)->Attend(1, 0, q.data(), out.data()).ok());  // installs, then requests the next
+      for (int kh = 0; kh < H; ++kh) {
+        for (int count : {5, 70, 5000}) {  // within a group, across groups, every vague token
+          absl::StatusOr<std::vector<int64_t>> top = (*rt)->RankVague(1, 0, kh, q.data(), count);
+          ASSERT_TRUE(top.ok()) << top.status();
+          fold(static_cast<int64_t>(top->size()));
+          for (int64_t pos : *top) fold(pos);
+        }
+      }
+    }
+    const RuntimeStats st = (*rt)->Stats();
+    EXPECT_GT(st.recall.requested, 40 * H * 6) << "automatic recall should have run every step";
+    fold(st.recall.requested);
+    fold(st.regions.recalled);
+    for (int64_t p = 0; p < n + 40; ++p) fold(static_cast<int64_t>(*(*rt)->TokenRegion(1, 0, 1, p)));
+    EXPECT_EQ(h, c.fingerprint) << "fingerprint " << h;
+    KVTIER_EXPECT_OK((*rt)->CheckInvariants());
+  }
+}
+
 }  // namespace
 }  // namespace kvtier

@@ -479,6 +479,7 @@ absl::Status HeadCache::ApplyAppend(const AppendPlan& plan, const AppendSource& 
                         &all = scratch_[4];
     for (int i = 0; i < 5; ++i) scratch_[i].clear();
     for (const Move& m : plan.to_vague) {
+      pos_of_ordinal_.push_back(m.pos);
       ordinal_[m.pos] = next_ordinal_++;
       all.push_back(m.pos);
       if (m.src_slot >= 0) {
@@ -1084,58 +1085,57 @@ void HeadCache::RankFinish(RankWork& w) const {
     }
     return;
   }
-  // Without classes, w.ids[0, staged_from) are the vague tokens not in
-  // flight; with classes, gather them now.
-  std::vector<uint32_t> class_ids;
-  if (by_class_) {
-    for (uint32_t pos : vague_) {
-      if (!in_flight_[pos]) class_ids.push_back(pos);
+  if (w.proxy == RecallProxy::kBlockBounds) {
+    // Key bounds: the vague tokens of the best groups (a token's score is its
+    // group's; ties: the later group first). Within a group (when the recall
+    // budget ends inside one), the sketch's order, else the most recent
+    // first. Groups come off a heap and their tokens from pos_of_ordinal_,
+    // so a step costs the groups and the tokens it reaches, not every vague
+    // token.
+    const std::vector<float>& scores = w.group_scores;
+    const bool token_scored = !by_class_ && HasSketch();  // the kernel scored every vague token
+    if (token_scored) {
+      rank_token_score_.resize(region_.size());
+      for (size_t i = 0; i < w.staged_from; ++i) rank_token_score_[w.ids[i]] = w.scores[i];
     }
-  }
-  const std::span<const uint32_t> ids =
-      by_class_ ? std::span<const uint32_t>(class_ids) : std::span<const uint32_t>(w.ids.data(), w.staged_from);
-  const int64_t n = static_cast<int64_t>(ids.size());
-  if (n == 0) return;
-  if (w.proxy == RecallProxy::kSketch) {
-    const std::vector<float>& scores = w.scores;
-    std::vector<int64_t> order(n);
-    std::iota(order.begin(), order.end(), 0);
-    const int64_t k = std::min<int64_t>(count, n);
-    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
-      return scores[a] > scores[b] || (scores[a] == scores[b] && ids[a] > ids[b]);
-    });
-    for (int64_t i = 0; i < k; ++i) {
-      out.push_back(ids[order[i]]);
-      out_scores.push_back(scores[order[i]]);
+    std::vector<uint32_t>& heap = rank_groups_;
+    heap.resize(scores.size());
+    std::iota(heap.begin(), heap.end(), 0u);
+    auto worse = [&](uint32_t a, uint32_t b) { return scores[a] < scores[b] || (scores[a] == scores[b] && a < b); };
+    std::make_heap(heap.begin(), heap.end(), worse);
+    std::vector<std::pair<float, uint32_t>>& members = rank_members_;
+    for (auto end = heap.end(); end != heap.begin() && static_cast<int>(out.size()) < count;) {
+      std::pop_heap(heap.begin(), end, worse);
+      const uint32_t g = *--end;
+      members.clear();
+      const uint32_t last = static_cast<uint32_t>(std::min<int64_t>((g + 1) * S, next_ordinal_));
+      for (uint32_t ord = static_cast<uint32_t>(g * S); ord < last; ++ord) {
+        const uint32_t pos = pos_of_ordinal_[ord];
+        if (region_[pos] != static_cast<uint8_t>(Region::kVague) || in_flight_[pos]) continue;
+        members.emplace_back(by_class_ ? class_score[class_of_[pos]] : token_scored ? rank_token_score_[pos] : 0.0f,
+                             pos);
+      }
+      std::sort(members.begin(), members.end(), std::greater<>());
+      for (const auto& [score, pos] : members) {
+        if (static_cast<int>(out.size()) == count) return;
+        out.push_back(pos);
+        out_scores.push_back(scores[g]);
+      }
     }
     return;
   }
-  // Key bounds: the vague tokens of the best groups (a token's score is its
-  // group's). Within a group (when the recall budget ends inside one), the
-  // sketch's order, else the most recent first.
-  const int64_t groups = static_cast<int64_t>(w.group_scores.size());
-  const std::vector<float>& scores = w.group_scores;
-  std::vector<float> token_scores(n, 0.0f);
-  if (by_class_) {
-    for (int64_t i = 0; i < n; ++i) token_scores[i] = class_score[class_of_[ids[i]]];
-  } else if (HasSketch()) {
-    std::copy_n(w.scores.begin(), n, token_scores.begin());
-  }
-  std::vector<std::vector<std::pair<float, uint32_t>>> members(groups);
-  for (int64_t i = 0; i < n; ++i) members[ordinal_[ids[i]] / S].emplace_back(token_scores[i], ids[i]);
-  for (auto& m : members) std::sort(m.begin(), m.end(), std::greater<>());
-  std::vector<int64_t> order;
-  for (int64_t g = 0; g < groups; ++g) {
-    if (!members[g].empty()) order.push_back(g);
-  }
-  std::sort(order.begin(), order.end(),
-            [&](int64_t a, int64_t b) { return scores[a] > scores[b] || (scores[a] == scores[b] && a > b); });
-  for (int64_t g : order) {
-    for (const auto& [score, pos] : members[g]) {
-      if (static_cast<int>(out.size()) == count) return;
-      out.push_back(pos);
-      out_scores.push_back(scores[g]);
-    }
+  // The sketch's score of every vague token not in flight: w.ids[0, staged_from).
+  const std::span<const uint32_t> ids(w.ids.data(), w.staged_from);
+  const std::vector<float>& scores = w.scores;
+  std::vector<int64_t> order(ids.size());
+  std::iota(order.begin(), order.end(), 0);
+  const int64_t k = std::min<int64_t>(count, static_cast<int64_t>(ids.size()));
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
+    return scores[a] > scores[b] || (scores[a] == scores[b] && ids[a] > ids[b]);
+  });
+  for (int64_t i = 0; i < k; ++i) {
+    out.push_back(ids[order[i]]);
+    out_scores.push_back(scores[order[i]]);
   }
 }
 
@@ -1195,6 +1195,8 @@ absl::Status HeadCache::CheckInvariants() const {
   const int64_t len = length();
   if (static_cast<int64_t>(index_.size()) != len || static_cast<int64_t>(ordinal_.size()) != len)
     return fail("per-token arrays differ in length");
+  if (pos_of_ordinal_.size() != next_ordinal_)
+    return fail(absl::StrFormat("%d ordinals given, %d mapped to positions", next_ordinal_, pos_of_ordinal_.size()));
   RegionCounts seen;
   for (int64_t p = 0; p < len; ++p) {
     const Region r = region(p);
@@ -1233,6 +1235,8 @@ absl::Status HeadCache::CheckInvariants() const {
       default:
         return fail(absl::StrFormat("token %d has region %d", p, int(region_[p])));
     }
+    if (ordinal_[p] != kNoOrdinal && (ordinal_[p] >= pos_of_ordinal_.size() || pos_of_ordinal_[ordinal_[p]] != p))
+      return fail(absl::StrFormat("token %d has ordinal %d, which maps to another position", p, ordinal_[p]));
     if (r != Region::kVague && slot_pos_[idx] != p)
       return fail(absl::StrFormat("slot %d holds %d, not token %d", idx, slot_pos_[idx], p));
   }

@@ -260,6 +260,7 @@ class HeadCache {
   std::vector<uint8_t> in_flight_;  // [length] 1 while a recall of the token is pending
   std::vector<uint32_t> index_;     // [length] slot (resident) or index in vague_ (vague)
   std::vector<uint32_t> ordinal_;   // [length] block-store ordinal, kNoOrdinal before first vague
+  std::vector<uint32_t> pos_of_ordinal_;  // [ordinal] the token's position
   std::vector<uint32_t> vague_;     // sketched token positions
   // One-row sketches give every vague token of a class (Count-Sketch: bucket
   // and sign; centroid: bucket) the same score: rank classes, not tokens.
@@ -332,6 +333,10 @@ class HeadCache {
   std::vector<float> recall_target_scores_;
   std::vector<uint64_t> recall_order_;
   std::vector<uint64_t> recall_keyed_;
+  // RankFinish's scratch (key bounds): the group heap, one group's tokens, per-position sketch scores.
+  mutable std::vector<uint32_t> rank_groups_;
+  mutable std::vector<std::pair<float, uint32_t>> rank_members_;
+  mutable std::vector<float> rank_token_score_;
   std::vector<std::pair<std::pair<float, uint64_t>, int32_t>> recall_victims_;
   std::vector<int32_t> scratch_[5];  // ApplyAppend's lists of slots and positions
 };
