@@ -131,7 +131,8 @@ absl::StatusOr<PlanResult> RunPlan(const PlanOptions& p) {
     const int64_t slots = std::max<int64_t>(
         1, p.max_sequences > 0 ? std::min<int64_t>(row.device_limit, p.max_sequences) : row.device_limit);
     absl::StatusOr<BudgetPlan> plan = PlanBudget(RuntimeOptions(p, C, slots));
-    if (!plan.ok()) plan = one;  // no slot fits: report the one-sequence plan
+    const bool slots_fit = plan.ok();
+    if (!slots_fit) plan = one;  // no slot fits: report the one-sequence plan
     row.plan = *plan;
     row.device_bytes_per_sequence = plan->per_sequence_bytes;
 
@@ -154,10 +155,7 @@ absl::StatusOr<PlanResult> RunPlan(const PlanOptions& p) {
       row.binding = "slots";
     }
     row.sequences = n;
-    if (n > 0) {
-      absl::StatusOr<BudgetPlan> at_n = PlanBudget(RuntimeOptions(p, C, slots));
-      row.device_bytes = at_n.ok() ? at_n->total_bytes : 0;
-    }
+    if (n > 0 && slots_fit) row.device_bytes = plan->total_bytes;
 
     // Tier bytes with n sequences at the full context. Past the host cap the
     // block store keeps the host tier between its demotion watermarks.
