@@ -976,11 +976,13 @@ absl::Status HeadCache::RankPrepare(RecallProxy proxy, const void* q_group, int 
       w.ids.push_back(class_members_[c][0]);
       w.classes.push_back(c);
     }
-  } else {
+  } else if (HasSketch()) {
     for (uint32_t pos : vague_) {
       if (!in_flight_[pos]) w.ids.push_back(pos);
     }
     if (w.ids.empty()) return absl::OkStatus();
+  } else if (vague_.empty()) {  // key bounds alone: RankFinish reads the groups, not ids
+    return absl::OkStatus();
   }
   w.staged_from = w.ids.size();
   if (score_staged && proxy == RecallProxy::kSketch) {
