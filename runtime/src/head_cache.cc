@@ -727,10 +727,7 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
     // one while they score strictly higher.
     std::vector<std::pair<std::pair<float, uint64_t>, int32_t>>& victims = recall_victims_;
     victims.resize(n_installed);
-    for (size_t j = 0; j < n_installed; ++j) {
-      const int32_t slot = installed[j];
-      victims[j] = {{staged[slot], ScoreKey(slot_score_[slot], slot_pos_[slot])}, slot};
-    }
+    for (size_t j = 0; j < n_installed; ++j) victims[j] = {{staged[installed[j]], keyed[j]}, installed[j]};
     // Lowest first, popped as long as targets beat them: O(installed + taken log installed).
     std::make_heap(victims.begin(), victims.end(), std::greater<>());
     auto end = victims.end();
