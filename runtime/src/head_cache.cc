@@ -26,6 +26,9 @@ struct ByScore {
 uint64_t ScoreKey(float score, int32_t pos) {
   return uint64_t{std::bit_cast<uint32_t>(score + 0.0f)} << 32 | static_cast<uint32_t>(pos);
 }
+// Above every ScoreKey of a score that is not NaN (positive NaN bits are
+// above infinity's; scores here are sums of probabilities, never NaN).
+constexpr uint64_t kNoKey = ~uint64_t{0};
 
 float InitialScore(const AppendSource& src, int64_t row) {
   return src.scores ? src.scores[row * src.score_stride] : 0.0f;
@@ -673,33 +676,43 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
         positions.size(), ranked->out_scores.size(), ranked->staged_scores.size(), staging_));
   }
   // Staging slots: free ones first, then installed tokens (all of them with
-  // make_room, else those the last attend did not use). Both lists fit in
-  // staging_ entries each (the installed ones taken join the free ones),
-  // sized once.
-  if (recall_free_.size() != static_cast<size_t>(staging_)) {
+  // make_room, else those the last attend did not use). The candidates'
+  // (accumulated score, position) keys, for taking the lowest (a key's
+  // position gives back its slot), are written for every staging slot, with
+  // kNoKey where the slot is no candidate: one pass without branches or
+  // data-dependent stores, which the compiler vectorises (the slots' states
+  // are in no order a branch predictor could learn, and this runs over every
+  // staging slot each step). Scratch sized once.
+  if (recall_keyed_.size() != static_cast<size_t>(staging_)) {
     recall_free_.assign(staging_, 0);
     recall_installed_.assign(staging_, 0);
     recall_keyed_.assign(staging_, 0);
   }
   int32_t* free_slots = recall_free_.data();
-  int32_t* installed = recall_installed_.data();
-  // The installed tokens' (accumulated score, position) keys, for taking the
-  // lowest; a key's position gives back its slot.
   uint64_t* keyed = recall_keyed_.data();
   // slot_probs sum over the query group: a uniform share is group / resident.
   const float uniform =
       last_resident_ > 0 ? ctx_.options->shape.group() / static_cast<float>(last_resident_) : 0.0f;
-  // Without branches: the slots' states are in no order the branch
-  // predictor could learn, and this runs over every staging slot each step.
+  const int32_t first = StagingSlot(0);
+  const Stage* stage = stage_.data();
+  const int64_t* installed_at = installed_at_.data();
+  const float* probs = probs_host_.data() + first;
+  const float* score = slot_score_.data() + first;
+  const int32_t* slot_pos = slot_pos_.data() + first;
+  const int64_t now = attends_;
+  const int32_t n_staging = staging_;
   size_t n_free = 0, n_installed = 0;
-  for (int32_t i = 0; i < staging_; ++i) {
-    const int32_t slot = StagingSlot(i);
-    const bool used = (installed_at_[i] == attends_) | (probs_host_[slot] >= uniform);  // | and &: no branches
-    free_slots[n_free] = slot;
-    n_free += stage_[i] == Stage::kFree;
-    installed[n_installed] = slot;
-    keyed[n_installed] = ScoreKey(slot_score_[slot], slot_pos_[slot]);
-    n_installed += (stage_[i] == Stage::kInstalled) & (make_room | !used);
+  for (int32_t i = 0; i < n_staging; ++i) {
+    const bool used = (installed_at[i] == now) | (probs[i] >= uniform);  // | and &: no branches
+    const bool candidate = (stage[i] == Stage::kInstalled) & (make_room | !used);
+    keyed[i] = ScoreKey(score[i], slot_pos[i]) | (uint64_t{!candidate} * kNoKey);  // kNoKey unless a candidate
+    n_installed += candidate;
+    n_free += stage[i] == Stage::kFree;
+  }
+  if (n_free > 0) {  // rare once the staging region has filled
+    for (int32_t i = 0, n = 0; i < staging_; ++i) {
+      if (stage[i] == Stage::kFree) free_slots[n++] = first + i;
+    }
   }
   const size_t room = n_free + n_installed;
   std::vector<int32_t>& targets = recall_targets_;
@@ -708,9 +721,19 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
   target_scores.clear();
   // kOutranked: the lowest score among the installed tokens Prefetch may
   // displace; past the free slots, only targets above it can displace any.
-  const float* staged = compare ? ranked->staged_scores.data() - StagingSlot(0) : nullptr;  // by slot
+  const float* staged = compare ? ranked->staged_scores.data() - first : nullptr;  // by slot
+  // kOutranked: the candidates' slots and keys in slot order, and the lowest
+  // proxy score among them.
+  int32_t* installed = recall_installed_.data();
   float lowest = INFINITY;
-  for (size_t j = 0; compare && j < n_installed; ++j) lowest = std::min(lowest, staged[installed[j]]);
+  if (compare) {
+    for (int32_t i = 0, n = 0; i < staging_; ++i) {
+      if (keyed[i] == kNoKey) continue;
+      installed[n] = first + i;
+      keyed[n++] = keyed[i];
+      lowest = std::min(lowest, staged[first + i]);
+    }
+  }
   for (size_t r = 0; r < positions.size() && targets.size() < room; ++r) {
     const int64_t p = positions[r];
     if (compare && targets.size() >= n_free && !(ranked->out_scores[r] > lowest)) break;  // scores do not rise
@@ -745,8 +768,11 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
   if (targets.empty()) return 0;
   if (targets.size() > n_free) {  // installed tokens (Prefetch: unused ones) by lowest accumulated score
     const size_t need = targets.size() - n_free;
-    // The `need` lowest keys (positions differ, so keys do too), in order.
-    if (need < n_installed) std::nth_element(keyed, keyed + need, keyed + n_installed);
+    // The `need` lowest keys (positions differ, so keys do too), in order:
+    // kOutranked packed its candidates' keys first, the default left kNoKey
+    // (above every key) where no candidate is.
+    const size_t n_keys = compare ? n_installed : static_cast<size_t>(staging_);
+    if (need < n_keys) std::nth_element(keyed, keyed + need, keyed + n_keys);
     // Their order is the order they re-enter the sketch; plan-only has no
     // sketch, and the order decides nothing there.
     if (!plan_only_) std::sort(keyed, keyed + need);
