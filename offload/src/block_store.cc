@@ -40,11 +40,13 @@ void Transfer::Wait() const {
   cv_.wait(lock, [&] { return Done(); });
 }
 
-void Transfer::FinishPart(int part, absl::Status status) {
+void Transfer::FinishParts(std::span<std::pair<int, absl::Status>> parts) {
+  if (parts.empty()) return;
   {
     std::lock_guard lock(mu_);
-    status_[part] = std::move(status);
-    if (--remaining_ > 0) return;
+    for (auto& [part, status] : parts) status_[part] = std::move(status);
+    remaining_ -= static_cast<int>(parts.size());
+    if (remaining_ > 0) return;
     done_.store(true, std::memory_order_release);
   }
   cv_.notify_all();
@@ -477,7 +479,9 @@ void BlockStore::FinishHostParts(std::vector<std::pair<int, Ref>> parts, std::ve
     --s.in_flight;
     ++s.finishing;
   }
-  for (size_t i = 0; i < parts.size(); ++i) transfer->FinishPart(parts[i].first, std::move(status[i]));
+  std::vector<std::pair<int, absl::Status>> done(parts.size());
+  for (size_t i = 0; i < parts.size(); ++i) done[i] = {parts[i].first, std::move(status[i])};
+  transfer->FinishParts(done);
   std::lock_guard lock(s.mu);
   --s.finishing;
   s.changed.notify_all();
@@ -556,7 +560,7 @@ std::shared_ptr<Transfer> BlockStore::Gather(std::vector<GatherPart> parts) {
       s.jobs_cv.notify_one();
     }
   }
-  for (auto& [i, st] : finished) transfer->FinishPart(i, std::move(st));
+  transfer->FinishParts(finished);
   return transfer;
 }
 
@@ -712,7 +716,10 @@ void BlockStore::OnRead(Ref ref, absl::Status st) {
     s.changed.notify_all();
   }
   if (finished.empty()) return;
-  for (auto& [t, part, status] : finished) t->FinishPart(part, std::move(status));
+  for (auto& [t, part, status] : finished) {
+    std::pair<int, absl::Status> one{part, std::move(status)};
+    t->FinishParts({&one, 1});
+  }
   std::lock_guard lock(s.mu);
   --s.finishing;
   s.changed.notify_all();

@@ -826,25 +826,29 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
 
 absl::Status HeadCache::Install(Pending& p) {
   for (int32_t pos : p.positions) in_flight_[pos] = 0;
-  // Parts that failed: their tokens stay vague (the store counted and logged
-  // the fault); the others are installed.
-  std::vector<int32_t>&positions = install_pos_, &slots = install_slots_;
-  positions.clear();
-  slots.clear();
-  int32_t begin = 0;
-  for (size_t part = 0; part < p.part_end.size(); ++part) {
-    const int32_t end = p.part_end[part];
-    const bool ok = p.transfer->part_status(static_cast<int>(part)).ok();
-    for (int32_t i = begin; i < end; ++i) {
-      if (ok) {
-        positions.push_back(p.positions[i]);
-        slots.push_back(p.slots[i]);
-      } else {
-        stage_[p.slots[i] - StagingSlot(0)] = Stage::kFree;
-        ++recall_.failed;
+  std::span<const int32_t> positions = p.positions, slots = p.slots;
+  if (!p.transfer->status().ok()) {
+    // Parts that failed: their tokens stay vague (the store counted and
+    // logged the fault); the others are installed.
+    install_pos_.clear();
+    install_slots_.clear();
+    int32_t begin = 0;
+    for (size_t part = 0; part < p.part_end.size(); ++part) {
+      const int32_t end = p.part_end[part];
+      const bool ok = p.transfer->part_status(static_cast<int>(part)).ok();
+      for (int32_t i = begin; i < end; ++i) {
+        if (ok) {
+          install_pos_.push_back(p.positions[i]);
+          install_slots_.push_back(p.slots[i]);
+        } else {
+          stage_[p.slots[i] - StagingSlot(0)] = Stage::kFree;
+          ++recall_.failed;
+        }
       }
+      begin = end;
     }
-    begin = end;
+    positions = install_pos_;
+    slots = install_slots_;
   }
   const int64_t n = static_cast<int64_t>(positions.size());
   SketchUpdateFromSlots(-1.0f, positions, slots);

@@ -33,6 +33,7 @@
 #include <span>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/functional/any_invocable.h"
@@ -60,8 +61,9 @@ class Transfer {
   // Waits until done or until `timeout` passed; returns Done().
   bool WaitFor(absl::Duration timeout) const;
   void Wait() const;
-  // Marks one part done (once each); the transfer is done with the last.
-  void FinishPart(int part, absl::Status status);
+  // Marks parts done (once each), under one lock; the transfer is done with
+  // the last. The statuses are moved from.
+  void FinishParts(std::span<std::pair<int, absl::Status>> parts);
 
  private:
   std::atomic<bool> done_{false};
