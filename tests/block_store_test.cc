@@ -6,6 +6,7 @@
 #include <random>
 #include <thread>
 
+#include "absl/strings/str_format.h"
 #include "gtest/gtest.h"
 #include "kvtier/offload/block_store.h"
 #include "test_util.h"
@@ -141,6 +142,35 @@ TEST_F(BlockStoreTest, GatherFromDiskPromotesAndCopiesExactRows) {
   again->Wait();
   KVTIER_EXPECT_OK(again->status());
   EXPECT_EQ(disk_->Stats().reads, disk_reads);
+}
+
+// A row outside its block fails its part with the numbers in the message and
+// copies nothing; the other parts of the same gather complete and are
+// counted. Rows past the end, at a negative offset, and of negative length.
+TEST_F(BlockStoreTest, GatherRowOutsideTheBlockFailsOnlyItsPart) {
+  Make(/*host_blocks=*/8);
+  std::vector<char> want;
+  const BlockStore::Ref a = Fill(3, &want), b = Fill(4);
+  for (const GatherRow bad : {GatherRow{kBlock - 128, nullptr, 256}, GatherRow{-8, nullptr, 16},
+                              GatherRow{0, nullptr, -1}}) {
+    std::vector<char> dst(512, 0), untouched(256, 0);
+    GatherRow outside = bad;
+    outside.dst = untouched.data();
+    const int64_t before = store_->Stats().bytes_host_to_device;
+    std::shared_ptr<Transfer> t = store_->Gather(
+        {{a, {{0, dst.data(), 256}, {256, dst.data() + 256, 256}}}, {b, {{0, dst.data(), 8}, outside}}});
+    t->Wait();
+    KVTIER_EXPECT_OK(t->part_status(0));
+    const absl::Status st = t->part_status(1);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+    EXPECT_NE(st.message().find(absl::StrFormat("%d bytes at offset %d", bad.bytes, bad.offset)), std::string::npos)
+        << st;
+    EXPECT_EQ(t->status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_TRUE(std::equal(dst.begin(), dst.end(), want.begin()));
+    EXPECT_TRUE(std::all_of(untouched.begin(), untouched.end(), [](char c) { return c == 0; }));
+    store_->Drain();
+    EXPECT_EQ(store_->Stats().bytes_host_to_device - before, 512) << "only the good part's rows";
+  }
 }
 
 // xxh3-64 of a 4 KiB block changes under every one of its 32768 single-bit

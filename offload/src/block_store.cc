@@ -503,22 +503,32 @@ std::shared_ptr<Transfer> BlockStore::Gather(std::vector<GatherPart> parts) {
         continue;
       }
       State::Block& b = s.blocks[ref];
-      absl::Status bad;
+      // One pass without branches: whether any row leaves the block, and the
+      // rows' bytes.
+      // As unsigned, a negative offset or length is above any block size.
+      const uint64_t block = static_cast<uint64_t>(block_bytes_);
+      auto outside = [block](const GatherRow& r) {
+        const uint64_t offset = static_cast<uint64_t>(r.offset);
+        return (offset > block) | (static_cast<uint64_t>(r.bytes) > block - offset);
+      };
+      bool any_outside = false;
+      int64_t bytes = 0;
       for (const GatherRow& r : parts[i].rows) {
-        if (r.offset < 0 || r.bytes < 0 || r.offset > block_bytes_ || r.bytes > block_bytes_ - r.offset) {
-          bad = absl::InvalidArgumentError(absl::StrFormat(
-              "block store: gather of %d bytes at offset %d is outside a block of %d", r.bytes, r.offset, block_bytes_));
-        }
+        any_outside |= outside(r);
+        bytes += r.bytes;
       }
-      if (!bad.ok()) {
-        finished.emplace_back(i, bad);
+      if (any_outside) {
+        const GatherRow& r = *std::find_if(parts[i].rows.begin(), parts[i].rows.end(), outside);
+        finished.emplace_back(i, absl::InvalidArgumentError(absl::StrFormat(
+                                     "block store: gather of %d bytes at offset %d is outside a block of %d", r.bytes,
+                                     r.offset, block_bytes_)));
       } else if (b.loc == State::Loc::kLost) {
         finished.emplace_back(i, absl::DataLossError(absl::StrFormat(
                                      "block store: block %d is lost (its %s copy failed the checksum twice)", ref,
                                      disk_ ? disk_->name() : "?")));
       } else if (b.host != kNoBlock && options_.content_free) {
         // Nothing to copy: the part is done now, with its bytes counted.
-        for (const GatherRow& r : parts[i].rows) s.stats.bytes_host_to_device += r.bytes;
+        s.stats.bytes_host_to_device += bytes;
         finished.emplace_back(i, absl::OkStatus());
       } else if (b.host != kNoBlock) {
         ++b.pins;
