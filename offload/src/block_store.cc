@@ -491,6 +491,7 @@ std::shared_ptr<Transfer> BlockStore::Gather(std::vector<GatherPart> parts) {
   State& s = *state_;
   auto transfer = std::make_shared<Transfer>(static_cast<int>(parts.size()));
   std::vector<std::pair<int, absl::Status>> finished;  // parts that end here: failed, or content-free in the host
+  finished.reserve(parts.size());
   std::vector<std::pair<int, Ref>> host_parts;  // (part, block)
   std::vector<std::pair<const char*, std::vector<GatherRow>>> host_rows;
   {

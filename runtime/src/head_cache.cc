@@ -435,24 +435,30 @@ absl::Status HeadCache::VagueAppend(std::span<const int32_t> positions) {
                             CopyKind::kHostToDevice);
 }
 
-absl::Status HeadCache::VagueRemove(int32_t pos) {
-  if (plan_only_) {
-    --class_count_[class_of_[pos]];
-    class_order_[class_of_[pos]].Erase(static_cast<uint32_t>(pos));
-  } else if (by_class_) {
-    std::vector<uint32_t>& members = class_members_[class_of_[pos]];
-    const uint32_t j = in_class_[pos];
-    members[j] = members.back();
-    in_class_[members[j]] = j;
-    members.pop_back();
+absl::Status HeadCache::VagueRemove(std::span<const int32_t> positions) {
+  for (int32_t pos : positions) {
+    if (plan_only_) {
+      --class_count_[class_of_[pos]];
+      class_order_[class_of_[pos]].Erase(static_cast<uint32_t>(pos));
+    } else if (by_class_) {
+      std::vector<uint32_t>& members = class_members_[class_of_[pos]];
+      const uint32_t j = in_class_[pos];
+      members[j] = members.back();
+      in_class_[members[j]] = j;
+      members.pop_back();
+    }
+    const uint32_t i = index_[pos];
+    const uint32_t last = vague_.back();
+    vague_[i] = last;
+    index_[last] = i;
+    vague_.pop_back();
+    if (!MirrorsVagueIds() || i == vague_.size()) continue;
+    if (absl::Status st = ctx_.backend->Copy(vague_ids_dev_ + i, &vague_[i], sizeof(uint32_t), CopyKind::kHostToDevice);
+        !st.ok()) {
+      return st;
+    }
   }
-  const uint32_t i = index_[pos];
-  const uint32_t last = vague_.back();
-  vague_[i] = last;
-  index_[last] = i;
-  vague_.pop_back();
-  if (!MirrorsVagueIds() || i == vague_.size()) return absl::OkStatus();
-  return ctx_.backend->Copy(vague_ids_dev_ + i, &vague_[i], sizeof(uint32_t), CopyKind::kHostToDevice);
+  return absl::OkStatus();
 }
 
 absl::Status HeadCache::ApplyAppend(const AppendPlan& plan, const AppendSource& src,
@@ -792,6 +798,7 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
   Pending p;
   p.positions.reserve(order.size());
   p.slots.reserve(order.size());
+  p.part_end.reserve(order.size());  // at most a part per target
   std::vector<GatherPart> parts;
   parts.reserve(order.size());
   const uint32_t bt = static_cast<uint32_t>(block_tokens());
@@ -852,9 +859,9 @@ absl::Status HeadCache::Install(Pending& p) {
   }
   const int64_t n = static_cast<int64_t>(positions.size());
   SketchUpdateFromSlots(-1.0f, positions, slots);
+  if (absl::Status st = VagueRemove(positions); !st.ok()) return st;
   for (size_t i = 0; i < positions.size(); ++i) {
     const int32_t pos = positions[i], slot = slots[i];
-    if (absl::Status st = VagueRemove(pos); !st.ok()) return st;
     region_[pos] = static_cast<uint8_t>(Region::kRecalled);
     index_[pos] = static_cast<uint32_t>(slot);
     slot_pos_[slot] = pos;

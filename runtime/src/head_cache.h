@@ -221,7 +221,7 @@ class HeadCache {
                     int64_t stride_elems, std::span<const int32_t> rows_index);
   // Vague-list maintenance (host truth and device mirror).
   absl::Status VagueAppend(std::span<const int32_t> positions);
-  absl::Status VagueRemove(int32_t pos);
+  absl::Status VagueRemove(std::span<const int32_t> positions);
   uint32_t ClassOf(int32_t pos) const;  // by_class_ only, for a token in the sketch
   // Writes the exact K/V of first-time vague tokens to their blocks, seals
   // full blocks, and widens the key bounds.
