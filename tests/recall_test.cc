@@ -2,10 +2,13 @@
 // recalled blocks have arrived, demoted tokens stay readable and recallable,
 // the key-bounds proxy finds the groups attention needs, and the counters
 // say what happened to every request.
+#include <algorithm>
+#include <random>
 #include <set>
 
 #include "gtest/gtest.h"
 #include "kvtier/offload/host_tier.h"
+#include "runtime/src/radix_sort.h"
 #include "test_util.h"
 
 namespace kvtier {
@@ -294,6 +297,35 @@ TEST(AsyncRecall, KeyBoundsRankingIsUnchanged) {
     for (int64_t p = 0; p < n + 40; ++p) fold(static_cast<int64_t>(*(*rt)->TokenRegion(1, 0, 1, p)));
     EXPECT_EQ(h, c.fingerprint) << "fingerprint " << h;
     KVTIER_EXPECT_OK((*rt)->CheckInvariants());
+  }
+}
+
+// SortByUpper32 orders a recall's targets by ordinal, so that each block is
+// one gather part. On (value, index) keys it gives std::sort's order, at
+// sizes on both sides of its comparison-sort cutoff and with one to four
+// 8-bit digits; among equal upper halves it keeps the input order whatever
+// the lower bits.
+TEST(RadixSort, SortsByTheUpperHalfAsStdSortDoesAndStably) {
+  std::mt19937_64 rng(11);
+  std::vector<uint64_t> scratch;
+  for (const uint32_t max_upper : {1u, 200u, 300u, 70000u, 0xffffffffu}) {
+    for (const size_t n : {0, 1, 127, 128, 129, 1000, 5000}) {
+      std::vector<uint64_t> keys(n);
+      for (size_t i = 0; i < n; ++i) keys[i] = (rng() % max_upper) << 32 | i;
+      std::vector<uint64_t> want = keys;
+      std::sort(want.begin(), want.end());
+      SortByUpper32(keys, scratch, max_upper);
+      EXPECT_EQ(keys, want) << "max_upper " << max_upper << ", " << n << " keys";
+    }
+  }
+  std::vector<uint64_t> keys(1000);  // lower halves falling: a full-key sort would reverse each run
+  for (size_t i = 0; i < keys.size(); ++i) keys[i] = uint64_t{i % 7} << 32 | (keys.size() - i);
+  SortByUpper32(keys, scratch, 7);
+  for (size_t i = 1; i < keys.size(); ++i) {
+    ASSERT_LE(keys[i - 1] >> 32, keys[i] >> 32) << i;
+    if (keys[i - 1] >> 32 == keys[i] >> 32) {
+      ASSERT_GT(keys[i - 1] & 0xffffffffu, keys[i] & 0xffffffffu) << i;
+    }
   }
 }
 

@@ -10,6 +10,7 @@
 #include "absl/strings/str_format.h"
 #include "kvtier/kernels/convert.h"
 #include "kvtier/kernels/hash.h"
+#include "radix_sort.h"
 
 namespace kvtier {
 namespace {
@@ -792,7 +793,7 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
   std::vector<uint64_t>& order = recall_order_;
   order.resize(targets.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = uint64_t{ordinal_[targets[i]]} << 32 | i;
-  std::sort(order.begin(), order.end());
+  SortByUpper32(order, recall_order_scratch_, next_ordinal_);
   for (uint64_t& o : order) o &= 0xffffffffu;
   const int64_t rb = ctx_.row_bytes;
   Pending p;
