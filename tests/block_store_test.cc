@@ -125,7 +125,7 @@ TEST_F(BlockStoreTest, GatherFromDiskPromotesAndCopiesExactRows) {
   ASSERT_EQ(store_->Stats().disk_blocks, 1);
   std::vector<char> dst(3 * 256, 0);
   std::vector<GatherRow> rows = {{0, dst.data(), 256}, {1024, dst.data() + 256, 256}, {kBlock - 256, dst.data() + 512, 256}};
-  std::shared_ptr<Transfer> t = store_->Gather({{cold, rows}});
+  std::shared_ptr<Transfer> t = store_->Gather(std::vector<GatherPart>{{cold, rows}});
   t->Wait();
   KVTIER_ASSERT_OK(t->status());
   EXPECT_TRUE(std::equal(dst.begin(), dst.begin() + 256, want.begin()));
@@ -138,7 +138,7 @@ TEST_F(BlockStoreTest, GatherFromDiskPromotesAndCopiesExactRows) {
   EXPECT_EQ(s.bytes_host_to_device, 3 * 256);
   // Promoted: a second gather reads the host copy, not the disk.
   const int64_t disk_reads = disk_->Stats().reads;
-  std::shared_ptr<Transfer> again = store_->Gather({{cold, {{0, dst.data(), 256}}}});
+  std::shared_ptr<Transfer> again = store_->Gather(std::vector<GatherPart>{{cold, {{0, dst.data(), 256}}}});
   again->Wait();
   KVTIER_EXPECT_OK(again->status());
   EXPECT_EQ(disk_->Stats().reads, disk_reads);
@@ -157,8 +157,8 @@ TEST_F(BlockStoreTest, GatherRowOutsideTheBlockFailsOnlyItsPart) {
     GatherRow outside = bad;
     outside.dst = untouched.data();
     const int64_t before = store_->Stats().bytes_host_to_device;
-    std::shared_ptr<Transfer> t = store_->Gather(
-        {{a, {{0, dst.data(), 256}, {256, dst.data() + 256, 256}}}, {b, {{0, dst.data(), 8}, outside}}});
+    std::shared_ptr<Transfer> t = store_->Gather(std::vector<GatherPart>{
+        {a, {{0, dst.data(), 256}, {256, dst.data() + 256, 256}}}, {b, {{0, dst.data(), 8}, outside}}});
     t->Wait();
     KVTIER_EXPECT_OK(t->part_status(0));
     const absl::Status st = t->part_status(1);
@@ -232,7 +232,7 @@ TEST_F(BlockStoreTest, ConcurrentUseKeepsDataAndAccounting) {
         if (mine.size() > 3) {  // read back an older one, then delete it
           auto& [ref, data] = mine.front();
           std::vector<char> got(512);
-          std::shared_ptr<Transfer> g = store_->Gather({{ref, {{512, got.data(), 512}}}});
+          std::shared_ptr<Transfer> g = store_->Gather(std::vector<GatherPart>{{ref, {{512, got.data(), 512}}}});
           g->Wait();
           if (!g->status().ok() || !std::equal(got.begin(), got.end(), data.begin() + 512)) ++bad;
           if (!store_->Delete(ref).ok()) ++bad;

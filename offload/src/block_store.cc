@@ -487,7 +487,7 @@ void BlockStore::FinishHostParts(std::vector<std::pair<int, Ref>> parts, std::ve
   s.changed.notify_all();
 }
 
-std::shared_ptr<Transfer> BlockStore::Gather(std::vector<GatherPart> parts) {
+std::shared_ptr<Transfer> BlockStore::Gather(std::span<const GatherPart> parts) {
   State& s = *state_;
   auto transfer = std::make_shared<Transfer>(static_cast<int>(parts.size()));
   std::vector<std::pair<int, absl::Status>> finished;  // parts that end here: failed, or content-free in the host
@@ -534,9 +534,9 @@ std::shared_ptr<Transfer> BlockStore::Gather(std::vector<GatherPart> parts) {
       } else if (b.host != kNoBlock) {
         ++b.pins;
         host_parts.emplace_back(i, ref);
-        host_rows.emplace_back(host_.Data(b.host), std::move(parts[i].rows));
+        host_rows.emplace_back(host_.Data(b.host), parts[i].rows);
       } else {
-        b.waiting.push_back(State::Waiter{std::move(parts[i].rows), /*to_host=*/false, transfer, i});
+        b.waiting.push_back(State::Waiter{parts[i].rows, /*to_host=*/false, transfer, i});
         if (!b.reading) StartDiskRead(ref);
       }
     }

@@ -800,8 +800,9 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
   p.positions.reserve(order.size());
   p.slots.reserve(order.size());
   p.part_end.reserve(order.size());  // at most a part per target
-  std::vector<GatherPart> parts;
-  parts.reserve(order.size());
+  // Parts kept across requests, rows and all: the store copies what it keeps.
+  std::vector<GatherPart>& parts = recall_parts_;
+  size_t n_parts = 0;
   const uint32_t bt = static_cast<uint32_t>(block_tokens());
   size_t i = 0;
   while (i < order.size()) {
@@ -809,8 +810,10 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
     const uint32_t first_ord = ordinal_[targets[order[i]]] / bt * bt;
     size_t end = i + 1;
     while (end < order.size() && ordinal_[targets[order[end]]] - first_ord < bt) ++end;
-    GatherPart part{blocks_[first_ord / bt], {}};
-    part.rows.reserve(2 * (end - i));
+    if (n_parts == parts.size()) parts.emplace_back();
+    GatherPart& part = parts[n_parts++];
+    part.block = blocks_[first_ord / bt];
+    part.rows.clear();
     for (; i < end; ++i) {
       const int32_t pos = targets[order[i]];
       const int32_t slot = free_slots[order[i]];
@@ -823,10 +826,9 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
     }
     ctx_.store->AddHeat(part.block, static_cast<float>(part.rows.size() / 2));
     p.part_end.push_back(static_cast<int32_t>(p.positions.size()));
-    parts.push_back(std::move(part));
   }
   p.needed_at = attends_;
-  p.transfer = ctx_.store->Gather(std::move(parts));
+  p.transfer = ctx_.store->Gather(std::span<const GatherPart>(parts.data(), n_parts));
   pending_.push_back(std::move(p));
   recall_.requested += static_cast<int64_t>(targets.size());
   return static_cast<int>(targets.size());

@@ -332,6 +332,7 @@ class HeadCache {
   std::vector<int32_t> recall_free_, recall_installed_, recall_targets_, unstage_pos_, install_pos_, install_slots_;
   std::vector<float> recall_target_scores_;
   std::vector<uint64_t> recall_order_, recall_order_scratch_;
+  std::vector<GatherPart> recall_parts_;  // [0, parts of the last request) used
   std::vector<uint64_t> recall_keyed_;
   // RankFinish's scratch (key bounds): the group heap, one group's tokens, per-position sketch scores.
   mutable std::vector<uint32_t> rank_groups_;

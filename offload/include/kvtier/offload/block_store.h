@@ -143,7 +143,9 @@ class BlockStore {
   // Asynchronous copy of rows of several blocks to device memory; part i of
   // the transfer is parts[i]. Host-resident parts are copied together in one
   // job on the transfer thread; the others when their disk reads complete.
-  std::shared_ptr<Transfer> Gather(std::vector<GatherPart> parts);
+  // The store keeps copies of the rows it still needs, so a caller may reuse
+  // `parts` at once.
+  std::shared_ptr<Transfer> Gather(std::span<const GatherPart> parts);
 
   // Blocks until every demotion and gather submitted so far completed.
   void Drain();
