@@ -123,7 +123,7 @@ RegionCounts HeadCache::regions() const {
   c.recent = std::min<int64_t>(recent_, std::max<int64_t>(0, len - sink_));
   c.candidate = n_candidates_;
   c.recalled = n_installed_;
-  c.vague = static_cast<int64_t>(vague_.size());
+  c.vague = n_vague_;
   return c;
 }
 
@@ -411,6 +411,16 @@ uint32_t HeadCache::ClassOf(int32_t pos) const {
 }
 
 absl::Status HeadCache::VagueAppend(std::span<const int32_t> positions) {
+  n_vague_ += static_cast<int64_t>(positions.size());
+  if (plan_only_) {  // the weight classes' sets are the vague set
+    for (int32_t pos : positions) {
+      region_[pos] = static_cast<uint8_t>(Region::kVague);
+      const uint32_t c = class_of_[pos];
+      ++class_count_[c];
+      class_order_[c].Insert(static_cast<uint32_t>(pos));
+    }
+    return absl::OkStatus();
+  }
   const size_t first = vague_.size();
   if (by_class_ && class_of_.size() < region_.size()) {
     class_of_.resize(region_.size());
@@ -420,11 +430,7 @@ absl::Status HeadCache::VagueAppend(std::span<const int32_t> positions) {
     region_[pos] = static_cast<uint8_t>(Region::kVague);
     index_[pos] = static_cast<uint32_t>(vague_.size());
     vague_.push_back(static_cast<uint32_t>(pos));
-    if (plan_only_) {
-      const uint32_t c = class_of_[pos];
-      ++class_count_[c];
-      class_order_[c].Insert(static_cast<uint32_t>(pos));
-    } else if (by_class_) {
+    if (by_class_) {
       const uint32_t c = ClassOf(pos);
       class_of_[pos] = c;
       in_class_[pos] = static_cast<uint32_t>(class_members_[c].size());
@@ -437,11 +443,16 @@ absl::Status HeadCache::VagueAppend(std::span<const int32_t> positions) {
 }
 
 absl::Status HeadCache::VagueRemove(std::span<const int32_t> positions) {
-  for (int32_t pos : positions) {
-    if (plan_only_) {
+  n_vague_ -= static_cast<int64_t>(positions.size());
+  if (plan_only_) {
+    for (int32_t pos : positions) {
       --class_count_[class_of_[pos]];
       class_order_[class_of_[pos]].Erase(static_cast<uint32_t>(pos));
-    } else if (by_class_) {
+    }
+    return absl::OkStatus();
+  }
+  for (int32_t pos : positions) {
+    if (by_class_) {
       std::vector<uint32_t>& members = class_members_[class_of_[pos]];
       const uint32_t j = in_class_[pos];
       members[j] = members.back();
@@ -588,7 +599,7 @@ void HeadCache::FillAttend(kernels::AttendParams& p) {
   p.sketch = sketch_;
   p.policy = ctx_.options->vague_policy;
   p.vague_ids = vague_ids_dev_;
-  p.num_vague = static_cast<int32_t>(vague_.size());
+  p.num_vague = static_cast<int32_t>(n_vague_);
 }
 
 absl::Status HeadCache::AfterAttend() {
@@ -1237,6 +1248,7 @@ absl::Status HeadCache::CheckInvariants() const {
   if (pos_of_ordinal_.size() != next_ordinal_)
     return fail(absl::StrFormat("%d ordinals given, %d mapped to positions", next_ordinal_, pos_of_ordinal_.size()));
   RegionCounts seen;
+  std::vector<int64_t> seen_class(class_count_.size(), 0);  // plan-only: vague tokens per weight class
   for (int64_t p = 0; p < len; ++p) {
     const Region r = region(p);
     const uint32_t idx = index_[p];
@@ -1266,8 +1278,13 @@ absl::Status HeadCache::CheckInvariants() const {
         break;
       case Region::kVague:
         ++seen.vague;
-        if (idx >= vague_.size() || vague_[idx] != p)
+        if (plan_only_) {
+          if (!class_order_[class_of_[p]].Contains(static_cast<uint32_t>(p)))
+            return fail(absl::StrFormat("vague token %d not in the set of its weight class %d", p, class_of_[p]));
+          ++seen_class[class_of_[p]];
+        } else if (idx >= vague_.size() || vague_[idx] != p) {
           return fail(absl::StrFormat("vague token %d not at index %d of the vague list", p, idx));
+        }
         if (ordinal_[p] == kNoOrdinal || ordinal_[p] >= next_ordinal_)
           return fail(absl::StrFormat("vague token %d has no host copy", p));
         break;
@@ -1285,6 +1302,13 @@ absl::Status HeadCache::CheckInvariants() const {
     return fail(absl::StrFormat("region counts sink %d/%d recent %d/%d candidate %d/%d recalled %d/%d vague %d/%d",
                                 seen.sink, want.sink, seen.recent, want.recent, seen.candidate, want.candidate,
                                 seen.recalled, want.recalled, seen.vague, want.vague));
+  }
+  if (!plan_only_ && static_cast<int64_t>(vague_.size()) != n_vague_)
+    return fail(absl::StrFormat("vague list of %d tokens, count %d", vague_.size(), n_vague_));
+  for (size_t c = 0; c < class_count_.size(); ++c) {  // plan-only: the class sets hold the vague tokens, no others
+    if (seen_class[c] != class_count_[c] || class_order_[c].Count() != class_count_[c])
+      return fail(absl::StrFormat("weight class %d: %d vague tokens, count %d, set of %d", c, seen_class[c],
+                                  class_count_[c], class_order_[c].Count()));
   }
   if (n_candidates_ > candidates_ || n_installed_ > staging_) return fail("candidate or staging count over capacity");
   int64_t installed = 0, pending_slots = 0, in_flight = 0;

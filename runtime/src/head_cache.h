@@ -27,6 +27,7 @@
 #ifndef KVTIER_RUNTIME_SRC_HEAD_CACHE_H_
 #define KVTIER_RUNTIME_SRC_HEAD_CACHE_H_
 
+#include <bit>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -261,7 +262,8 @@ class HeadCache {
   std::vector<uint32_t> index_;     // [length] slot (resident) or index in vague_ (vague)
   std::vector<uint32_t> ordinal_;   // [length] block-store ordinal, kNoOrdinal before first vague
   std::vector<uint32_t> pos_of_ordinal_;  // [ordinal] the token's position
-  std::vector<uint32_t> vague_;     // sketched token positions
+  std::vector<uint32_t> vague_;     // sketched token positions (not plan-only: class_order_ holds them)
+  int64_t n_vague_ = 0;             // vague tokens
   // One-row sketches give every vague token of a class (Count-Sketch: bucket
   // and sign; centroid: bucket) the same score: rank classes, not tokens.
   bool by_class_ = false;
@@ -280,6 +282,15 @@ class HeadCache {
       }
       bits_[w] |= uint64_t{1} << (pos & 63);
       summary_[w >> 6] |= uint64_t{1} << (w & 63);
+    }
+    bool Contains(uint32_t pos) const {
+      const size_t w = pos >> 6;
+      return w < bits_.size() && (bits_[w] >> (pos & 63) & 1) != 0;
+    }
+    int64_t Count() const {
+      int64_t n = 0;
+      for (uint64_t word : bits_) n += std::popcount(word);
+      return n;
     }
     void Erase(uint32_t pos) {
       const size_t w = pos >> 6;
