@@ -666,6 +666,14 @@ absl::Status HeadCache::Unstage(std::span<const int32_t> slots) {
 }
 
 absl::StatusOr<int> HeadCache::RequestRecall(std::span<const int64_t> positions) {
+  // The caller's positions; a ranking's (Prefetch) are this head's vague tokens.
+  const int64_t len = length();
+  for (int64_t p : positions) {
+    if (p < 0 || p >= len) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("recall of position %d, outside [0, %d) of layer %d", p, len, layer_));
+    }
+  }
   return Request(positions, nullptr);
 }
 
@@ -676,13 +684,6 @@ absl::StatusOr<int> HeadCache::Prefetch(const RankWork& ranked) {
 absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const RankWork* ranked) {
   if (staging_ == 0) {
     return absl::FailedPreconditionError("the budget plan has no staging slots (staging_tokens = 0)");
-  }
-  const int64_t len = length();
-  for (int64_t p : positions) {
-    if (p < 0 || p >= len) {
-      return absl::InvalidArgumentError(
-          absl::StrFormat("recall of position %d, outside [0, %d) of layer %d", p, len, layer_));
-    }
   }
   if (positions.empty()) return 0;
   const bool make_room = ranked == nullptr;
