@@ -90,6 +90,29 @@ TEST_F(BlockStoreTest, ColdestBlocksAreDemotedFirst) {
   EXPECT_EQ(disk_->Stats().reads, 3) << "cold blocks come from the lower tier";
 }
 
+// A gather's heat counts as AddHeat's: the blocks gathered from with heat
+// stay in the host tier when the others are demoted; a gather without heat
+// leaves a block as cold as before.
+TEST_F(BlockStoreTest, GatherHeatKeepsBlocksFromDemotion) {
+  Make(/*host_blocks=*/8, /*high=*/0.75, /*low=*/0.5);
+  std::vector<BlockStore::Ref> refs;
+  for (int i = 0; i < 6; ++i) refs.push_back(Fill(i));
+  std::vector<char> dst(64);
+  std::vector<GatherPart> parts;
+  for (int i = 0; i < 6; ++i) parts.push_back({refs[i], {{0, dst.data(), 16}}, i % 2 == 0 ? 5.0f : 0.0f});
+  std::shared_ptr<Transfer> t = store_->Gather(parts);
+  t->Wait();
+  KVTIER_ASSERT_OK(t->status());
+  refs.push_back(Fill(6));  // 7 > 0.75 * 8 host blocks: demote down to 4
+  store_->Drain();
+  EXPECT_EQ(store_->Stats().demotions, 3);
+  std::vector<char> probe(16);
+  for (int i = 0; i < 6; i += 2) KVTIER_EXPECT_OK(store_->Read(refs[i], 0, probe.data(), 16));
+  EXPECT_EQ(disk_->Stats().reads, 0) << "blocks 0, 2 and 4 were gathered with heat: still in the host tier";
+  for (int i = 1; i < 6; i += 2) KVTIER_EXPECT_OK(store_->Read(refs[i], 0, probe.data(), 16));
+  EXPECT_EQ(disk_->Stats().reads, 3) << "blocks 1, 3 and 5 were gathered without heat: demoted";
+}
+
 // A caller that creates several blocks before sealing any (an append
 // reserves all it needs first) still keeps the host tier at its high
 // watermark: creation past it demotes the coldest sealed blocks.

@@ -122,6 +122,13 @@ class BlockStore::State {
   bool warned_write = false, warned_read = false, warned_lost = false, warned_full = false;
   size_t chunks_announced = 0;  // host pool chunks passed to on_new_host_chunk
   float max_heat = 0.0f;        // the hottest any block has been
+  // Raises a live block's heat; under mu.
+  void AddHeat(Ref ref, float heat) {
+    if (ref < blocks.size() && blocks[ref].live) {
+      blocks[ref].heat += heat;
+      max_heat = std::max(max_heat, blocks[ref].heat);
+    }
+  }
   absl::Status last_demotion_error;  // of the most recent failed demotion
   BlockStoreStats stats;
 
@@ -419,10 +426,7 @@ void BlockStore::Seal(Ref ref) {
 void BlockStore::AddHeat(Ref ref, float heat) {
   State& s = *state_;
   std::lock_guard lock(s.mu);
-  if (ref < s.blocks.size() && s.blocks[ref].live) {
-    s.blocks[ref].heat += heat;
-    s.max_heat = std::max(s.max_heat, s.blocks[ref].heat);
-  }
+  s.AddHeat(ref, heat);
 }
 
 absl::Status BlockStore::Write(Ref ref, int64_t offset, const void* src, int64_t bytes) {
@@ -496,6 +500,9 @@ std::shared_ptr<Transfer> BlockStore::Gather(std::span<const GatherPart> parts) 
   std::vector<std::pair<const char*, std::vector<GatherRow>>> host_rows;
   {
     Unlocked u(s);
+    for (const GatherPart& part : parts) {
+      if (part.heat != 0.0f) s.AddHeat(part.block, part.heat);
+    }
     for (int i = 0; i < static_cast<int>(parts.size()); ++i) {
       const Ref ref = parts[i].block;
       if (ref >= s.blocks.size() || !s.blocks[ref].live || s.blocks[ref].deleted) {

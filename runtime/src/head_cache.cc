@@ -836,7 +836,7 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
       p.positions.push_back(pos);
       p.slots.push_back(slot);
     }
-    ctx_.store->AddHeat(part.block, static_cast<float>(part.rows.size() / 2));
+    part.heat = static_cast<float>(part.rows.size() / 2);  // a token's K and V rows
     p.part_end.push_back(static_cast<int32_t>(p.positions.size()));
   }
   p.needed_at = attends_;

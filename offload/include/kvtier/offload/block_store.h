@@ -81,10 +81,12 @@ struct GatherRow {
   int64_t bytes = 0;
 };
 
-// The rows to copy out of one block.
+// The rows to copy out of one block, and what the gather adds to the block's
+// heat (as AddHeat would, under the gather's lock, before any part is read).
 struct GatherPart {
   uint32_t block = 0;  // BlockStore::Ref
   std::vector<GatherRow> rows;
+  float heat = 0.0f;
 };
 
 using BlockStoreStats = StoreStats;
