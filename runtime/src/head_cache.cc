@@ -443,8 +443,8 @@ absl::Status HeadCache::VagueAppend(std::span<const int32_t> positions) {
 }
 
 absl::Status HeadCache::VagueRemove(std::span<const int32_t> positions) {
-  n_vague_ -= static_cast<int64_t>(positions.size());
   if (plan_only_) {
+    n_vague_ -= static_cast<int64_t>(positions.size());
     for (int32_t pos : positions) {
       --class_count_[class_of_[pos]];
       class_order_[class_of_[pos]].Erase(static_cast<uint32_t>(pos));
@@ -452,6 +452,7 @@ absl::Status HeadCache::VagueRemove(std::span<const int32_t> positions) {
     return absl::OkStatus();
   }
   for (int32_t pos : positions) {
+    --n_vague_;  // token by token: a failed mirror copy below leaves the count matching the list
     if (by_class_) {
       std::vector<uint32_t>& members = class_members_[class_of_[pos]];
       const uint32_t j = in_class_[pos];
