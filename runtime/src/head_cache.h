@@ -220,7 +220,8 @@ class HeadCache {
                             const AppendSource& src);
   void SketchUpdate(float sign, std::span<const int32_t> positions, const void* keys, const void* values,
                     int64_t stride_elems, std::span<const int32_t> rows_index);
-  // Vague-list maintenance (host truth and device mirror).
+  // Vague-set maintenance: the list (host truth and device mirror), or
+  // plan-only's weight-class sets; and the count.
   absl::Status VagueAppend(std::span<const int32_t> positions);
   absl::Status VagueRemove(std::span<const int32_t> positions);
   uint32_t ClassOf(int32_t pos) const;  // by_class_ only, for a token in the sketch
@@ -259,7 +260,7 @@ class HeadCache {
   int32_t n_installed_ = 0;
   std::vector<uint8_t> region_;     // [length] Region
   std::vector<uint8_t> in_flight_;  // [length] 1 while a recall of the token is pending
-  std::vector<uint32_t> index_;     // [length] slot (resident) or index in vague_ (vague)
+  std::vector<uint32_t> index_;     // [length] slot (resident) or index in vague_ (vague, not plan-only)
   std::vector<uint32_t> ordinal_;   // [length] block-store ordinal, kNoOrdinal before first vague
   std::vector<uint32_t> pos_of_ordinal_;  // [ordinal] the token's position
   std::vector<uint32_t> vague_;     // sketched token positions (not plan-only: class_order_ holds them)
