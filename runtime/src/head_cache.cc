@@ -807,7 +807,8 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
   order.resize(targets.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = uint64_t{ordinal_[targets[i]]} << 32 | i;
   SortByUpper32(order, recall_order_scratch_, next_ordinal_);
-  for (uint64_t& o : order) o &= 0xffffffffu;
+  auto ordinal_of = [&](size_t i) { return static_cast<uint32_t>(order[i] >> 32); };
+  auto target_of = [&](size_t i) { return static_cast<size_t>(order[i] & 0xffffffffu); };
   const int64_t rb = ctx_.row_bytes;
   Pending p;
   p.positions.reserve(order.size());
@@ -820,17 +821,17 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
   size_t i = 0;
   while (i < order.size()) {
     // The block of the next target and the targets in it (one division per block).
-    const uint32_t first_ord = ordinal_[targets[order[i]]] / bt * bt;
+    const uint32_t first_ord = ordinal_of(i) / bt * bt;
     size_t end = i + 1;
-    while (end < order.size() && ordinal_[targets[order[end]]] - first_ord < bt) ++end;
+    while (end < order.size() && ordinal_of(end) - first_ord < bt) ++end;
     if (n_parts == parts.size()) parts.emplace_back();
     GatherPart& part = parts[n_parts++];
     part.block = blocks_[first_ord / bt];
     part.rows.clear();
     for (; i < end; ++i) {
-      const int32_t pos = targets[order[i]];
-      const int32_t slot = free_slots[order[i]];
-      const int64_t offset = static_cast<int64_t>(ordinal_[pos] - first_ord) * rb;  // OrdinalOffset
+      const int32_t pos = targets[target_of(i)];
+      const int32_t slot = free_slots[target_of(i)];
+      const int64_t offset = static_cast<int64_t>(ordinal_of(i) - first_ord) * rb;  // OrdinalOffset
       part.rows.push_back(GatherRow{offset, KSlot(slot), rb});
       part.rows.push_back(GatherRow{VOffset() + offset, VSlot(slot), rb});
       stage_[slot - StagingSlot(0)] = Stage::kPending;
