@@ -498,6 +498,13 @@ std::shared_ptr<Transfer> BlockStore::Gather(std::span<const GatherPart> parts) 
   finished.reserve(parts.size());
   std::vector<std::pair<int, Ref>> host_parts;  // (part, block)
   std::vector<std::pair<const char*, std::vector<GatherRow>>> host_rows;
+  // Whether a row leaves the block: as unsigned, a negative offset or length
+  // is above any block size.
+  const uint64_t block_bytes = static_cast<uint64_t>(block_bytes_);
+  auto outside = [block_bytes](const GatherRow& r) {
+    const uint64_t offset = static_cast<uint64_t>(r.offset);
+    return (offset > block_bytes) | (static_cast<uint64_t>(r.bytes) > block_bytes - offset);
+  };
   {
     Unlocked u(s);
     for (const GatherPart& part : parts) {
@@ -513,12 +520,6 @@ std::shared_ptr<Transfer> BlockStore::Gather(std::span<const GatherPart> parts) 
       State::Block& b = s.blocks[ref];
       // One pass without branches: whether any row leaves the block, and the
       // rows' bytes.
-      // As unsigned, a negative offset or length is above any block size.
-      const uint64_t block = static_cast<uint64_t>(block_bytes_);
-      auto outside = [block](const GatherRow& r) {
-        const uint64_t offset = static_cast<uint64_t>(r.offset);
-        return (offset > block) | (static_cast<uint64_t>(r.bytes) > block - offset);
-      };
       bool any_outside = false;
       int64_t bytes = 0;
       for (const GatherRow& r : parts[i].rows) {
