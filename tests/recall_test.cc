@@ -329,5 +329,37 @@ TEST(RadixSort, SortsByTheUpperHalfAsStdSortDoesAndStably) {
   }
 }
 
+// Keys in a few runs (a recall's usual targets: each weight class most
+// recent first) take the merging path, more runs the radix or comparison
+// sort: each gives std::stable_sort's order by the upper half, with runs
+// rising, falling or flat, of any length, and equal upper halves within and
+// across runs.
+TEST(RadixSort, MergesFewRunsAsStableSortOrders) {
+  std::mt19937_64 rng(12);
+  std::vector<uint64_t> scratch;
+  auto by_upper = [](uint64_t a, uint64_t b) { return a >> 32 < b >> 32; };
+  for (int trial = 0; trial < 400; ++trial) {
+    const int runs = 1 + trial % 7;                  // 1-4 merge, 5-7 do not
+    const uint32_t max_upper = trial % 3 == 0 ? 50 : 300000;  // many ties, or few
+    std::vector<uint64_t> keys;
+    for (int r = 0; r < runs; ++r) {
+      std::vector<uint32_t> run(1 + rng() % (trial % 2 == 0 ? 40 : 300));
+      for (uint32_t& u : run) u = static_cast<uint32_t>(rng() % max_upper);
+      std::sort(run.begin(), run.end());
+      if (rng() % 2 == 0) {  // falling, strictly (a falling run has no ties)
+        run.erase(std::unique(run.begin(), run.end()), run.end());
+        std::reverse(run.begin(), run.end());
+      }
+      // Past the merging path's runs, below 128 keys, the comparison sort
+      // asks for lower halves rising in input order; else any.
+      for (uint32_t u : run) keys.push_back(uint64_t{u} << 32 | (runs > 4 ? keys.size() : rng() & 0xffffffffu));
+    }
+    std::vector<uint64_t> want = keys;
+    std::stable_sort(want.begin(), want.end(), by_upper);
+    SortByUpper32(keys, scratch, max_upper);
+    ASSERT_EQ(keys, want) << "trial " << trial << ": " << runs << " runs, " << want.size() << " keys";
+  }
+}
+
 }  // namespace
 }  // namespace kvtier
