@@ -518,15 +518,19 @@ std::shared_ptr<Transfer> BlockStore::Gather(std::span<const GatherPart> parts) 
         continue;
       }
       State::Block& b = s.blocks[ref];
-      // One pass without branches: whether any row leaves the block, and the
-      // rows' bytes.
-      bool any_outside = false;
+      // One pass without branches: the rows' bytes, their furthest end, and
+      // the or of their offsets and lengths, whose top bit is set where one
+      // is negative (as unsigned, two non-negative int64 sum without
+      // wrapping). outside() names the first bad row.
+      uint64_t bits = 0, furthest = 0;
       int64_t bytes = 0;
       for (const GatherRow& r : parts[i].rows) {
-        any_outside |= outside(r);
+        const uint64_t offset = static_cast<uint64_t>(r.offset), length = static_cast<uint64_t>(r.bytes);
+        bits |= offset | length;
+        furthest = std::max(furthest, offset + length);
         bytes += r.bytes;
       }
-      if (any_outside) {
+      if ((bits >> 63) != 0 || furthest > block_bytes) {
         const GatherRow& r = *std::find_if(parts[i].rows.begin(), parts[i].rows.end(), outside);
         finished.emplace_back(i, absl::InvalidArgumentError(absl::StrFormat(
                                      "block store: gather of %d bytes at offset %d is outside a block of %d", r.bytes,
