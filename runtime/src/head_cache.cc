@@ -582,13 +582,24 @@ void HeadCache::FillAttend(kernels::AttendParams& p) {
   add(0, c.sink);
   add(sink_, c.recent);
   add(sink_ + recent_, c.candidate);
-  for (int32_t i = 0; i < staging_;) {  // runs of installed staging slots
-    if (stage_[i] != Stage::kInstalled) {
+  // Runs of installed staging slots; the states 8 at a time where a word
+  // is all installed (the usual case: recalls land before the next attend).
+  static_assert(sizeof(Stage) == 1);
+  constexpr uint64_t kAllInstalled = 0x0101010101010101ull * static_cast<uint8_t>(Stage::kInstalled);
+  const Stage* stage = stage_.data();
+  auto all_installed = [stage](int32_t j) {
+    uint64_t word;
+    std::memcpy(&word, stage + j, sizeof(word));
+    return word == kAllInstalled;
+  };
+  for (int32_t i = 0; i < staging_;) {
+    if (stage[i] != Stage::kInstalled) {
       ++i;
       continue;
     }
-    int32_t j = i;
-    while (j < staging_ && stage_[j] == Stage::kInstalled) ++j;
+    int32_t j = i + 1;
+    while (j + 8 <= staging_ && all_installed(j)) j += 8;
+    while (j < staging_ && stage[j] == Stage::kInstalled) ++j;
     add(StagingSlot(i), j - i);
     i = j;
   }
@@ -809,37 +820,44 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
   SortByUpper32(order, recall_order_scratch_, next_ordinal_);
   auto ordinal_of = [&](size_t i) { return static_cast<uint32_t>(order[i] >> 32); };
   auto target_of = [&](size_t i) { return static_cast<size_t>(order[i] & 0xffffffffu); };
-  const int64_t rb = ctx_.row_bytes;
+  const int64_t rb = ctx_.row_bytes, v_offset = VOffset();
+  const size_t n = order.size();
+  // Vectors of an installed recall's, reused: a step allocates none.
   Pending p;
-  p.positions.reserve(order.size());
-  p.slots.reserve(order.size());
-  p.part_end.reserve(order.size());  // at most a part per target
+  if (!spare_.empty()) {
+    p = std::move(spare_.back());
+    spare_.pop_back();
+  }
+  p.positions.resize(n);
+  p.slots.resize(n);
+  p.part_end.clear();
   // Parts kept across requests, rows and all: the store copies what it keeps.
   std::vector<GatherPart>& parts = recall_parts_;
   size_t n_parts = 0;
   const uint32_t bt = static_cast<uint32_t>(block_tokens());
+  Stage* stage_of_slot = stage_.data() - StagingSlot(0);
   size_t i = 0;
-  while (i < order.size()) {
+  while (i < n) {
     // The block of the next target and the targets in it (one division per block).
     const uint32_t first_ord = ordinal_of(i) / bt * bt;
     size_t end = i + 1;
-    while (end < order.size() && ordinal_of(end) - first_ord < bt) ++end;
+    while (end < n && ordinal_of(end) - first_ord < bt) ++end;
     if (n_parts == parts.size()) parts.emplace_back();
     GatherPart& part = parts[n_parts++];
     part.block = blocks_[first_ord / bt];
-    part.rows.clear();
-    for (; i < end; ++i) {
-      const int32_t pos = targets[target_of(i)];
+    part.rows.resize(2 * (end - i));  // a token's K and V rows
+    part.heat = static_cast<float>(end - i);
+    GatherRow* row = part.rows.data();
+    for (; i < end; ++i, row += 2) {
       const int32_t slot = free_slots[target_of(i)];
       const int64_t offset = static_cast<int64_t>(ordinal_of(i) - first_ord) * rb;  // OrdinalOffset
-      part.rows.push_back(GatherRow{offset, KSlot(slot), rb});
-      part.rows.push_back(GatherRow{VOffset() + offset, VSlot(slot), rb});
-      stage_[slot - StagingSlot(0)] = Stage::kPending;
-      p.positions.push_back(pos);
-      p.slots.push_back(slot);
+      row[0] = GatherRow{offset, KSlot(slot), rb};
+      row[1] = GatherRow{v_offset + offset, VSlot(slot), rb};
+      stage_of_slot[slot] = Stage::kPending;
+      p.positions[i] = targets[target_of(i)];
+      p.slots[i] = slot;
     }
-    part.heat = static_cast<float>(part.rows.size() / 2);  // a token's K and V rows
-    p.part_end.push_back(static_cast<int32_t>(p.positions.size()));
+    p.part_end.push_back(static_cast<int32_t>(end));
   }
   p.needed_at = attends_;
   p.transfer = ctx_.store->Gather(std::span<const GatherPart>(parts.data(), n_parts));
@@ -917,6 +935,10 @@ absl::Status HeadCache::PollRecalls(absl::Duration wait) {
     Pending& p = pending_[i];
     if (p.transfer->Done()) {
       result.Update(Install(p));
+      // Its vectors for a later request; the rest is reset.
+      p.transfer.reset();
+      p.fallback_counted = false;
+      spare_.push_back(std::move(p));
       continue;
     }
     if (!p.fallback_counted && attends_ >= p.needed_at) {

@@ -326,6 +326,7 @@ class HeadCache {
   uint32_t next_ordinal_ = 0;
   std::vector<float> bounds_host_;  // [summary_groups][2][head_dim] fp32 mirror of the key bounds
   std::vector<Pending> pending_;
+  std::vector<Pending> spare_;      // installed recalls, for their vectors
   std::vector<kernels::SlotRange> ranges_;
   int64_t attends_ = 0;             // attends run so far
   int64_t last_resident_ = 0;       // tokens the last attend saw exactly
