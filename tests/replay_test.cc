@@ -166,6 +166,11 @@ TEST(Replay, JsonHasTheStableKeys) {
     EXPECT_THAT(json, HasSubstr(std::string("\"") + key + "\": ")) << key;
   }
   EXPECT_THAT(json, HasSubstr("\"capture\": \"\",\n"));  // generated content, no capture
+  // The decode steps' share of the wall time: some of it, not more.
+  EXPECT_THAT(json, HasSubstr("\"decode_token_events_per_second\": "));
+  EXPECT_GT(r->decode_tokens, 0);
+  EXPECT_GT(r->decode_wall_seconds, 0.0);
+  EXPECT_LE(r->decode_wall_seconds, r->wall_seconds);
   const std::string csv = RequestsCsv(*r);
   EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 9);  // header + 8 requests
 }

@@ -6,8 +6,13 @@
 // and KV head; 1 runs the folded head the replay runs (replay::FoldedOptions:
 // one head cache stands for all 30 x 3, so one head's work is 30 events).
 // Decode's third argument is Options::recall_replace (0 kUnused, 1 kOutranked).
+// BM_ReplayExcerpt runs the whole path on a real workload: kvtier-replay
+// --content none of the bundled Mooncake excerpt at its real lengths
+// (prefill, decode, admission, prefix store, virtual clock), per wall
+// second; decode_token_events_per_s is the same for its decode steps alone.
 //
 //   build/release/tools/bench_plan --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+#include <filesystem>
 #include <memory>
 #include <vector>
 
@@ -109,6 +114,47 @@ void BM_PlanDecode(benchmark::State& state) {
   state.counters["token_events_per_s"] = benchmark::Counter(static_cast<double>(events), benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_PlanDecode)->ArgsProduct({{4096, 16384, 131072}, {0, 1}, {0, 1}})->Iterations(2000)->Unit(benchmark::kMicrosecond);
+
+// The bundled excerpt of the Mooncake trace at its real lengths (token scale
+// 1: 300 requests, 4.4M prompt and 0.1M decoded tokens, contexts up to ~60k),
+// as the replay runs it by default (--content none, heads folded), with the
+// tiers of the whole-trace command in docs/results.md. Argument: 0 kUnused,
+// 1 kOutranked.
+void BM_ReplayExcerpt(benchmark::State& state) {
+  tbb::global_control one_core(tbb::global_control::max_allowed_parallelism, 1);
+  absl::StatusOr<kvtier::replay::Trace> trace = kvtier::replay::ReadTrace(KVTIER_EXCERPT, {});
+  if (!trace.ok()) {
+    state.SkipWithError(trace.status().ToString().c_str());
+    return;
+  }
+  kvtier::replay::ReplayOptions o;
+  o.shape = kvtier::ModelShape::SmolLM2_135M();
+  o.content = kvtier::replay::ContentLevel::kNone;
+  const kvtier::Options defaults;  // kvtier-replay's defaults are the runtime's
+  o.sketch = defaults.sketch_kind;
+  o.proxy = defaults.recall_proxy;
+  o.recall_replace = static_cast<kvtier::RecallReplace>(state.range(0));
+  o.host_bytes = int64_t{2} << 30;
+  o.nvme_dir = std::filesystem::temp_directory_path().string();  // plan-only writes nothing there
+  o.nvme_bytes = int64_t{128} << 30;
+  o.prefix_host_bytes = int64_t{8} << 30;
+  o.prefix_nvme_bytes = int64_t{128} << 30;
+  double events = 0, decode_events = 0, decode_seconds = 0;
+  for (auto _ : state) {
+    absl::StatusOr<kvtier::replay::ReplayResult> r = kvtier::replay::RunReplay(*trace, o);
+    if (!r.ok() || r->completed != r->requests) {
+      state.SkipWithError(r.ok() ? "not every request completed" : r.status().ToString().c_str());
+      return;
+    }
+    events += static_cast<double>(r->token_events);
+    decode_events += static_cast<double>(r->decode_tokens) * o.shape.layers;
+    decode_seconds += r->decode_wall_seconds;
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(events));
+  state.counters["token_events_per_s"] = benchmark::Counter(events, benchmark::Counter::kIsRate);
+  state.counters["decode_token_events_per_s"] = decode_seconds > 0 ? decode_events / decode_seconds : 0.0;
+}
+BENCHMARK(BM_ReplayExcerpt)->Arg(0)->Arg(1)->Iterations(2)->UseRealTime()->Unit(benchmark::kMillisecond);
 
 }  // namespace
 

@@ -99,6 +99,7 @@ struct ReplayResult {
   int64_t final_host_bytes = 0, final_nvme_bytes = 0, final_blocks = 0;
   double virtual_seconds = 0;
   double wall_seconds = 0;
+  double decode_wall_seconds = 0;   // of wall_seconds, in decode steps (append + attend of the live sequences)
   int64_t token_events = 0;         // tokens x layers appended, plus decode attends x layers
   std::vector<double> step_us;      // virtual duration of every decode step
   std::vector<RequestResult> per_request;
