@@ -582,26 +582,33 @@ void HeadCache::FillAttend(kernels::AttendParams& p) {
   add(0, c.sink);
   add(sink_, c.recent);
   add(sink_ + recent_, c.candidate);
-  // Runs of installed staging slots; the states 8 at a time where a word
-  // is all installed (the usual case: recalls land before the next attend).
-  static_assert(sizeof(Stage) == 1);
-  constexpr uint64_t kAllInstalled = 0x0101010101010101ull * static_cast<uint8_t>(Stage::kInstalled);
+  // Runs of installed staging slots, the states read 8 at a time: of the
+  // three states only kInstalled has bit 1 set, so a word's installed slots
+  // are its bytes' bit 1, and the first installed (or not installed) one is
+  // the lowest set bit (the lowest address, little-endian).
+  static_assert(sizeof(Stage) == 1 && std::endian::native == std::endian::little);
+  static_assert(static_cast<uint8_t>(Stage::kFree) == 0 && static_cast<uint8_t>(Stage::kPending) == 1 &&
+                static_cast<uint8_t>(Stage::kInstalled) == 2);
+  constexpr uint64_t kInstalledBits = 0x0202020202020202ull;
   const Stage* stage = stage_.data();
-  auto all_installed = [stage](int32_t j) {
-    uint64_t word;
-    std::memcpy(&word, stage + j, sizeof(word));
-    return word == kAllInstalled;
-  };
-  for (int32_t i = 0; i < staging_;) {
-    if (stage[i] != Stage::kInstalled) {
-      ++i;
-      continue;
+  const int32_t n = staging_;
+  // The first slot from i that is installed (want) or not, else n.
+  auto find = [stage, n](int32_t i, bool want) {
+    for (; i + 8 <= n; i += 8) {
+      uint64_t word;
+      std::memcpy(&word, stage + i, sizeof(word));
+      const uint64_t hits = (want ? word : ~word) & kInstalledBits;
+      if (hits != 0) return i + std::countr_zero(hits) / 8;
     }
-    int32_t j = i + 1;
-    while (j + 8 <= staging_ && all_installed(j)) j += 8;
-    while (j < staging_ && stage[j] == Stage::kInstalled) ++j;
+    for (; i < n; ++i) {
+      if ((stage[i] == Stage::kInstalled) == want) return i;
+    }
+    return n;
+  };
+  for (int32_t i = find(0, true); i < n;) {
+    const int32_t j = find(i + 1, false);
     add(StagingSlot(i), j - i);
-    i = j;
+    i = find(j, true);
   }
   p.k_slots = k_slots_;
   p.v_slots = v_slots_;
