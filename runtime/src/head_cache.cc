@@ -573,6 +573,28 @@ void HeadCache::SealFullBlocks() {
 
 // ---------------------------------------------------------------- Attend
 
+int32_t HeadCache::NextStaging(int32_t i, bool installed) const {
+  // The states read 8 at a time: of the three only kInstalled has bit 1
+  // set, so a word's installed slots are its bytes' bit 1, and the first
+  // installed (or not installed) one is the lowest set bit (the lowest
+  // address, little-endian).
+  static_assert(sizeof(Stage) == 1 && std::endian::native == std::endian::little);
+  static_assert(static_cast<uint8_t>(Stage::kFree) == 0 && static_cast<uint8_t>(Stage::kPending) == 1 &&
+                static_cast<uint8_t>(Stage::kInstalled) == 2);
+  constexpr uint64_t kInstalledBits = 0x0202020202020202ull;
+  const Stage* stage = stage_.data();
+  for (; i + 8 <= staging_; i += 8) {
+    uint64_t word;
+    std::memcpy(&word, stage + i, sizeof(word));
+    const uint64_t hits = (installed ? word : ~word) & kInstalledBits;
+    if (hits != 0) return i + std::countr_zero(hits) / 8;
+  }
+  for (; i < staging_; ++i) {
+    if ((stage[i] == Stage::kInstalled) == installed) return i;
+  }
+  return staging_;
+}
+
 void HeadCache::FillAttend(kernels::AttendParams& p) {
   const RegionCounts c = regions();
   ranges_.clear();
@@ -582,33 +604,10 @@ void HeadCache::FillAttend(kernels::AttendParams& p) {
   add(0, c.sink);
   add(sink_, c.recent);
   add(sink_ + recent_, c.candidate);
-  // Runs of installed staging slots, the states read 8 at a time: of the
-  // three states only kInstalled has bit 1 set, so a word's installed slots
-  // are its bytes' bit 1, and the first installed (or not installed) one is
-  // the lowest set bit (the lowest address, little-endian).
-  static_assert(sizeof(Stage) == 1 && std::endian::native == std::endian::little);
-  static_assert(static_cast<uint8_t>(Stage::kFree) == 0 && static_cast<uint8_t>(Stage::kPending) == 1 &&
-                static_cast<uint8_t>(Stage::kInstalled) == 2);
-  constexpr uint64_t kInstalledBits = 0x0202020202020202ull;
-  const Stage* stage = stage_.data();
-  const int32_t n = staging_;
-  // The first slot from i that is installed (want) or not, else n.
-  auto find = [stage, n](int32_t i, bool want) {
-    for (; i + 8 <= n; i += 8) {
-      uint64_t word;
-      std::memcpy(&word, stage + i, sizeof(word));
-      const uint64_t hits = (want ? word : ~word) & kInstalledBits;
-      if (hits != 0) return i + std::countr_zero(hits) / 8;
-    }
-    for (; i < n; ++i) {
-      if ((stage[i] == Stage::kInstalled) == want) return i;
-    }
-    return n;
-  };
-  for (int32_t i = find(0, true); i < n;) {
-    const int32_t j = find(i + 1, false);
+  for (int32_t i = NextStaging(0, true); i < staging_;) {  // runs of installed staging slots
+    const int32_t j = NextStaging(i + 1, false);
     add(StagingSlot(i), j - i);
-    i = find(j, true);
+    i = NextStaging(j, true);
   }
   p.k_slots = k_slots_;
   p.v_slots = v_slots_;
@@ -714,13 +713,14 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
         positions.size(), ranked->out_scores.size(), ranked->staged_scores.size(), staging_));
   }
   // Staging slots: free ones first, then installed tokens (all of them with
-  // make_room, else those the last attend did not use). The candidates'
-  // (accumulated score, position) keys, for taking the lowest (a key's
-  // position gives back its slot), are written for every staging slot, with
-  // kNoKey where the slot is no candidate: one pass without branches or
-  // data-dependent stores, which the compiler vectorises (the slots' states
-  // are in no order a branch predictor could learn, and this runs over every
-  // staging slot each step). Scratch sized once.
+  // make_room, else those the last attend did not use). The installed
+  // tokens' (accumulated score, position) keys, for taking the lowest (a
+  // key's position gives back its slot), are written run by run of
+  // installed slots, with kNoKey where the token is no candidate: within a
+  // run one pass without branches or data-dependent stores, which the
+  // compiler vectorises (whether a token is used is in no order a branch
+  // predictor could learn). The free slots are listed from the gaps between
+  // runs. Scratch sized once.
   if (recall_keyed_.size() != static_cast<size_t>(staging_)) {
     recall_free_.assign(staging_, 0);
     recall_installed_.assign(staging_, 0);
@@ -738,19 +738,22 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
   const float* score = slot_score_.data() + first;
   const int32_t* slot_pos = slot_pos_.data() + first;
   const int64_t now = attends_;
-  const int32_t n_staging = staging_;
-  size_t n_free = 0, n_installed = 0;
-  for (int32_t i = 0; i < n_staging; ++i) {
-    const bool used = (installed_at[i] == now) | (probs[i] >= uniform);  // | and &: no branches
-    const bool candidate = (stage[i] == Stage::kInstalled) & (make_room | !used);
-    keyed[i] = ScoreKey(score[i], slot_pos[i]) | (uint64_t{!candidate} * kNoKey);  // kNoKey unless a candidate
-    n_installed += candidate;
-    n_free += stage[i] == Stage::kFree;
-  }
-  if (n_free > 0) {  // rare once the staging region has filled
-    for (int32_t i = 0, n = 0; i < staging_; ++i) {
-      if (stage[i] == Stage::kFree) free_slots[n++] = first + i;
+  size_t n_free = 0, n_installed = 0, n_keys = 0;
+  for (int32_t gap = 0; gap < staging_;) {
+    const int32_t begin = NextStaging(gap, true), end = NextStaging(begin + 1, false);
+    for (int32_t i = gap; i < begin; ++i) {
+      if (stage[i] == Stage::kFree) free_slots[n_free++] = first + i;
     }
+    if (begin == staging_) break;
+    uint64_t* out = keyed + n_keys - begin;  // out[i]: slot i's key
+    for (int32_t i = begin; i < end; ++i) {
+      const bool used = (installed_at[i] == now) | (probs[i] >= uniform);  // | and &: no branches
+      const bool candidate = make_room | !used;
+      out[i] = ScoreKey(score[i], slot_pos[i]) | (uint64_t{!candidate} * kNoKey);  // kNoKey unless a candidate
+      n_installed += candidate;
+    }
+    n_keys += static_cast<size_t>(end - begin);
+    gap = end;
   }
   const size_t room = n_free + n_installed;
   std::vector<int32_t>& targets = recall_targets_;
@@ -765,11 +768,12 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
   int32_t* installed = recall_installed_.data();
   float lowest = INFINITY;
   if (compare) {
-    for (int32_t i = 0, n = 0; i < staging_; ++i) {
-      if (keyed[i] == kNoKey) continue;
-      installed[n] = first + i;
-      keyed[n++] = keyed[i];
-      lowest = std::min(lowest, staged[first + i]);
+    for (size_t k = 0, n = 0; k < n_keys; ++k) {
+      if (keyed[k] == kNoKey) continue;
+      const int32_t slot = static_cast<int32_t>(index_[keyed[k] & 0xffffffffu]);
+      installed[n] = slot;
+      keyed[n++] = keyed[k];
+      lowest = std::min(lowest, staged[slot]);
     }
   }
   for (size_t r = 0; r < positions.size() && targets.size() < room; ++r) {
@@ -808,9 +812,9 @@ absl::StatusOr<int> HeadCache::Request(std::span<const int64_t> positions, const
     const size_t need = targets.size() - n_free;
     // The `need` lowest keys (positions differ, so keys do too), in order:
     // kOutranked packed its candidates' keys first, the default left kNoKey
-    // (above every key) where no candidate is.
-    const size_t n_keys = compare ? n_installed : static_cast<size_t>(staging_);
-    if (need < n_keys) std::nth_element(keyed, keyed + need, keyed + n_keys);
+    // (above every key) where an installed token is no candidate.
+    const size_t n_select = compare ? n_installed : n_keys;
+    if (need < n_select) std::nth_element(keyed, keyed + need, keyed + n_select);
     // Their order is the order they re-enter the sketch; plan-only has no
     // sketch, and the order decides nothing there.
     if (!plan_only_) std::sort(keyed, keyed + need);

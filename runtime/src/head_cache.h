@@ -201,6 +201,9 @@ class HeadCache {
   int32_t StagingSlot(int32_t i) const { return sink_ + recent_ + candidates_ + i; }
   char* KSlot(int32_t slot) const { return k_slots_ + slot * ctx_.row_bytes; }
   char* VSlot(int32_t slot) const { return v_slots_ + slot * ctx_.row_bytes; }
+  // The first staging index from i (at most staging_) whose slot is
+  // installed, or is not; staging_ where none is.
+  int32_t NextStaging(int32_t i, bool installed) const;
   bool HasSketch() const { return sketch_.kind != SketchKind::kNone; }
   bool MirrorsVagueIds() const { return vague_ids_dev_ != nullptr && !plan_only_; }
   int block_tokens() const { return ctx_.plan->block_tokens; }
