@@ -42,7 +42,7 @@ inline void SortByUpper32(std::vector<uint64_t>& keys, std::vector<uint64_t>& sc
     i = j;
   }
   if (runs <= kMaxRuns) {
-    for (int r = 0, begin = 0; r < runs; begin = static_cast<int>(run_end[r++])) {
+    for (size_t r = 0, begin = 0; r < static_cast<size_t>(runs); begin = run_end[r++]) {
       if (run_end[r] - begin > 1 && upper(keys[begin + 1]) < upper(keys[begin])) {
         std::reverse(keys.begin() + begin, keys.begin() + static_cast<std::ptrdiff_t>(run_end[r]));
       }

@@ -116,7 +116,7 @@ void BM_PlanDecode(benchmark::State& state) {
 BENCHMARK(BM_PlanDecode)->ArgsProduct({{4096, 16384, 131072}, {0, 1}, {0, 1}})->Iterations(2000)->Unit(benchmark::kMicrosecond);
 
 // The bundled excerpt of the Mooncake trace at its real lengths (token scale
-// 1: 300 requests, 4.4M prompt and 0.1M decoded tokens, contexts up to ~60k),
+// 1: 300 requests, 4.4M prompt and 0.1M decoded tokens, contexts up to 125k),
 // as the replay runs it by default (--content none, heads folded), with the
 // tiers of the whole-trace command in docs/results.md. Argument: 0 kUnused,
 // 1 kOutranked.
