@@ -6,6 +6,7 @@
 #include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "cuda_emu/emulated_kernel_set.h"
 #include "replay/driver.h"
 #include "replay/trace.h"
 
@@ -151,6 +152,29 @@ TEST(Replay, StopGivesPartialResults) {
   EXPECT_EQ(r->completed, 0);
   EXPECT_THAT(ReplaySummary(*r, o), HasSubstr("INTERRUPTED"));
   EXPECT_THAT(ReplayJson(*r, o), HasSubstr("\"interrupted\": true"));
+}
+
+// --content full on a backend whose device memory the host cannot read (the
+// CUDA kernels on the CPU emulation of CUDA): K/V/Q cross into device
+// buffers before each call, and the replay serves, recalls and moves what it
+// does on the CPU backend.
+TEST(Replay, RunsOnABackendWithoutHostAccessibleMemory) {
+  // Two short requests: the emulated kernels are slow.
+  absl::StatusOr<Trace> t = ParseTrace(R"({"timestamp": 0, "input_length": 1200, "output_length": 24, "hash_ids": [0, 1, 2]}
+{"timestamp": 0, "input_length": 800, "output_length": 24, "hash_ids": [0, 3]}
+)",
+                                       {});
+  ASSERT_TRUE(t.ok()) << t.status();
+  ReplayOptions o = SmallOptions();
+  absl::StatusOr<ReplayResult> cpu = RunReplay(*t, o);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  ASSERT_GT(cpu->recall_requested, 0);  // recall and the tiers take part
+  o.make_backend = [] { return MakeEmulatedCudaBackend(); };
+  absl::StatusOr<ReplayResult> emulated = RunReplay(*t, o);
+  ASSERT_TRUE(emulated.ok()) << emulated.status();
+  EXPECT_EQ(emulated->backend, "cuda-emulated");
+  EXPECT_EQ(emulated->completed, 2);
+  EXPECT_EQ(Stable(ReplayJson(*emulated, o)), Stable(ReplayJson(*cpu, o)));
 }
 
 TEST(Replay, JsonHasTheStableKeys) {

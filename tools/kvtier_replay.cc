@@ -29,6 +29,8 @@ ABSL_FLAG(std::string, model, "smollm2-135m",
           "model preset: smollm2-135m | llama-3.1-8b | qwen2.5-7b | llama-3.1-70b");
 ABSL_FLAG(std::string, shape, "", "shape file (layers, q_heads, kv_heads, head_dim, dtype as key = value); overrides --model");
 ABSL_FLAG(std::string, content, "full", "full: kernels on generated K/V/Q | none: plan side only");
+ABSL_FLAG(std::string, backend, "auto",
+          "--content full: auto (CUDA when a device is present, else CPU) | cpu | cuda; --content none uses the CPU");
 ABSL_FLAG(bool, fold_heads, true,
           "--content none: one head cache stands for every layer and KV head (same results, layers x KV heads "
           "less work); --nofold_heads runs them all");
@@ -135,6 +137,8 @@ int Run() {
     if (!c.ok()) return Fail("--capture: " + std::string(c.status().message()));
     o.capture = std::make_shared<const Capture>(*std::move(c));
   }
+  if (!cli::ParseName(absl::GetFlag(FLAGS_backend), BackendKindName, 3, o.backend))
+    return Fail("--backend must be auto, cpu or cuda, got " + absl::GetFlag(FLAGS_backend));
   if (!cli::ParseName(absl::GetFlag(FLAGS_policy), VaguePolicyName, 3, o.policy))
     return Fail("--policy must be shrink, estimate or drop, got " + absl::GetFlag(FLAGS_policy));
   if (!cli::ParseName(absl::GetFlag(FLAGS_sketch), SketchKindName, 3, o.sketch))

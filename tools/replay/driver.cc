@@ -170,6 +170,7 @@ Options ReplayRuntimeOptions(const ReplayOptions& options, int64_t max_context) 
   // --content none: the same runtime without contents; the content model's
   // expected attention shares stand in for the kernels' softmax.
   o.plan_only = options.content == ContentLevel::kNone;
+  o.backend = o.plan_only ? BackendKind::kCpu : options.backend;
   return o;
 }
 
@@ -229,7 +230,12 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
     if (!f.ok()) return f.status();
     o = *f;
   }
-  absl::StatusOr<std::unique_ptr<Runtime>> created = Runtime::Create(o);
+  absl::StatusOr<std::unique_ptr<Backend>> made =
+      !plan_only && options.make_backend ? options.make_backend() : CreateBackend(o.backend);
+  if (!made.ok()) return made.status();
+  if (*made == nullptr) return absl::InvalidArgumentError("replay: make_backend returned no backend");
+  Backend& backend = **made;  // owned by the runtime from here on
+  absl::StatusOr<std::unique_ptr<Runtime>> created = Runtime::Create(o, std::move(*made));
   if (!created.ok()) return created.status();
   Runtime& rt = **created;
   const int RL = o.shape.layers, RH = o.shape.kv_heads;  // the runtime's layers and KV heads
@@ -269,6 +275,34 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
   std::vector<char> kbuf, vbuf;
   std::vector<float> scores;
   std::vector<char> q(static_cast<size_t>(sh.q_heads) * row), out(q.size());
+  // K/V/Q in the backend's memory: host memory passes as it is, else they
+  // cross into device buffers before each call (as in kvtier-demo); freed
+  // before the runtime (which owns the backend) is.
+  const bool host_tensors = plan_only || backend.caps().device_memory_host_accessible;
+  struct DeviceBuffers {
+    Backend& backend;
+    std::vector<void*> ptrs;
+    ~DeviceBuffers() {
+      for (void* p : ptrs) backend.FreeDevice(p);
+    }
+  } device{backend, {}};
+  char *dk = nullptr, *dv = nullptr, *dq = nullptr, *dout = nullptr;
+  if (!host_tensors) {
+    const int64_t kv_bytes = std::max(options.prefill_chunk, 1) * RH * row;
+    const int64_t q_bytes = static_cast<int64_t>(options.max_sequences) * static_cast<int64_t>(q.size());
+    for (auto [buffer, bytes] : {std::pair{&dk, kv_bytes}, {&dv, kv_bytes}, {&dq, q_bytes}, {&dout, q_bytes}}) {
+      absl::StatusOr<void*> p = backend.AllocateDevice(bytes);
+      if (!p.ok()) return p.status();
+      device.ptrs.push_back(*p);
+      *buffer = static_cast<char*>(*p);
+    }
+  }
+  // The tensor a call takes: `host` itself, or its copy in `dev`.
+  auto to_device = [&](char* dev, const void* host, int64_t bytes) -> absl::StatusOr<const void*> {
+    if (host_tensors) return host;
+    if (absl::Status st = backend.Copy(dev, host, bytes, CopyKind::kHostToDevice); !st.ok()) return st;
+    return dev;
+  };
 
   auto finish = [&](Live& s) -> absl::Status {
     RequestResult& r = res.per_request[s.index];
@@ -327,9 +361,16 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
       ao.weights = scores.data();  // plan-only: the same shares are the attention model
       for (int l = 0; l < RL; ++l) {
         if (capture != nullptr) capture->KeysValues(l, first, c, kbuf.data(), vbuf.data());
-        if (absl::Status st = rt.Append(static_cast<SequenceId>(i), l, plan_only ? nullptr : kbuf.data(),
-                                        plan_only ? nullptr : vbuf.data(), c, ao);
-            !st.ok()) {
+        const void* k = nullptr;
+        const void* v = nullptr;
+        if (!plan_only) {
+          absl::StatusOr<const void*> kd = to_device(dk, kbuf.data(), c * RH * row);
+          absl::StatusOr<const void*> vd = to_device(dv, vbuf.data(), c * RH * row);
+          if (!kd.ok() || !vd.ok()) return kd.ok() ? vd.status() : kd.status();
+          k = *kd;
+          v = *vd;
+        }
+        if (absl::Status st = rt.Append(static_cast<SequenceId>(i), l, k, v, c, ao); !st.ok()) {
           return absl::Status(st.code(), absl::StrFormat("prefill of request %d (trace line %d, %d prompt tokens): %s",
                                                          i, r.line, P, st.message()));
         }
@@ -428,8 +469,12 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
             content.KeysValues(s.keys, s.length, 1, kbuf.data(), vbuf.data());
             content.Query(s.keys, s.length, qs[j].data());
           }
-          st = rt.Append(id, l, kbuf.data(), vbuf.data(), 1);
-          items[j] = AttendItem{id, qs[j].data(), outs[j].data()};
+          const int64_t q_bytes = static_cast<int64_t>(q.size());
+          absl::StatusOr<const void*> kd = to_device(dk, kbuf.data(), RH * row);
+          absl::StatusOr<const void*> vd = to_device(dv, vbuf.data(), RH * row);
+          absl::StatusOr<const void*> qd = to_device(host_tensors ? nullptr : dq + j * q_bytes, qs[j].data(), q_bytes);
+          st = !kd.ok() ? kd.status() : !vd.ok() ? vd.status() : !qd.ok() ? qd.status() : rt.Append(id, l, *kd, *vd, 1);
+          if (st.ok()) items[j] = AttendItem{id, *qd, host_tensors ? outs[j].data() : dout + j * q_bytes};
         }
         if (!st.ok()) {
           return absl::Status(st.code(), absl::StrFormat("decode of request %d (trace line %d): %s", s.index,

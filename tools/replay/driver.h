@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "kvtier/backend.h"
 #include "kvtier/options.h"
 #include "kvtier/runtime.h"
 #include "replay/capture.h"
@@ -64,6 +65,14 @@ struct ReplayOptions {
   // content model (which still gives the prefill's initial scores). Loaded
   // for this shape (Capture::Load); docs/capture.md.
   std::shared_ptr<const Capture> capture;
+  // --content full: the runtime's backend (kAuto: CUDA when a device and the
+  // CUDA backend are present, else CPU). Where its device memory is not
+  // host-accessible, every K/V/Q crosses into device buffers before its call.
+  // --content none runs no kernel and always uses the CPU backend.
+  BackendKind backend = BackendKind::kCpu;
+  // --content full, tests: makes the backend instead of `backend` (e.g. the
+  // CUDA kernels on a CPU emulation of CUDA); null: CreateBackend(backend).
+  std::function<std::unique_ptr<Backend>()> make_backend;
   // Called after every prefill with the runtime and the request's sequence
   // id (its index), before any decode step: lets tests read the K/V held.
   std::function<void(const Runtime&, SequenceId)> after_prefill;
