@@ -1,12 +1,16 @@
 // kvtier-replay's driver: determinism, accounting, admission and stopping.
 #include <atomic>
+#include <map>
+#include <mutex>
 #include <filesystem>
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "cuda_emu/emulated_kernel_set.h"
+#include "kvtier/backend.h"
 #include "replay/driver.h"
 #include "replay/trace.h"
 
@@ -154,10 +158,62 @@ TEST(Replay, StopGivesPartialResults) {
   EXPECT_THAT(ReplayJson(*r, o), HasSubstr("\"interrupted\": true"));
 }
 
+// The emulated CUDA backend (its device memory is host memory), refusing a
+// copy whose device side is not memory it allocated: a host pointer handed
+// to the runtime as a device tensor fails the run instead of passing
+// unnoticed.
+class DeviceCheckingBackend final : public Backend {
+ public:
+  DeviceCheckingBackend() : inner_(MakeEmulatedCudaBackend()) {}
+  std::string_view name() const override { return inner_->name(); }
+  BackendCaps caps() const override { return inner_->caps(); }
+  absl::StatusOr<void*> AllocateDevice(int64_t bytes) override {
+    absl::StatusOr<void*> p = inner_->AllocateDevice(bytes);
+    if (p.ok()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      device_[static_cast<const char*>(*p)] = bytes;
+    }
+    return p;
+  }
+  void FreeDevice(void* ptr) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      device_.erase(static_cast<const char*>(ptr));
+    }
+    inner_->FreeDevice(ptr);
+  }
+  absl::StatusOr<void*> AllocateHost(int64_t bytes) override { return inner_->AllocateHost(bytes); }
+  void FreeHost(void* ptr) override { inner_->FreeHost(ptr); }
+  absl::Status Copy(void* dst, const void* src, int64_t bytes, CopyKind kind, Stream* stream) override {
+    if ((kind != CopyKind::kDeviceToHost && !OnDevice(dst, bytes)) ||
+        (kind != CopyKind::kHostToDevice && !OnDevice(src, bytes))) {
+      return absl::InvalidArgumentError(absl::StrCat("a copy of ", bytes, " bytes whose device side is not device memory"));
+    }
+    return inner_->Copy(dst, src, bytes, kind, stream);
+  }
+  absl::Status ZeroDevice(void* ptr, int64_t bytes) override { return inner_->ZeroDevice(ptr, bytes); }
+  absl::StatusOr<std::unique_ptr<Stream>> CreateStream() override { return inner_->CreateStream(); }
+  absl::StatusOr<std::unique_ptr<Event>> CreateEvent() override { return inner_->CreateEvent(); }
+  kernels::KernelSet& kernels() override { return inner_->kernels(); }
+
+ private:
+  bool OnDevice(const void* ptr, int64_t bytes) {
+    const char* p = static_cast<const char*>(ptr);
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = device_.upper_bound(p);  // the first allocation above p
+    if (it == device_.begin()) return false;
+    --it;
+    return p + bytes <= it->first + it->second;
+  }
+  std::unique_ptr<Backend> inner_;
+  std::mutex mu_;
+  std::map<const char*, int64_t> device_;  // allocation -> bytes
+};
+
 // --content full on a backend whose device memory the host cannot read (the
-// CUDA kernels on the CPU emulation of CUDA): K/V/Q cross into device
-// buffers before each call, and the replay serves, recalls and moves what it
-// does on the CPU backend.
+// CUDA kernels on the CPU emulation of CUDA, every copy's device side
+// checked): K/V/Q cross into device buffers before each call, and the
+// replay serves, recalls and moves what it does on the CPU backend.
 TEST(Replay, RunsOnABackendWithoutHostAccessibleMemory) {
   // Two short requests: the emulated kernels are slow.
   absl::StatusOr<Trace> t = ParseTrace(R"({"timestamp": 0, "input_length": 1200, "output_length": 24, "hash_ids": [0, 1, 2]}
@@ -169,7 +225,7 @@ TEST(Replay, RunsOnABackendWithoutHostAccessibleMemory) {
   absl::StatusOr<ReplayResult> cpu = RunReplay(*t, o);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   ASSERT_GT(cpu->recall_requested, 0);  // recall and the tiers take part
-  o.make_backend = [] { return MakeEmulatedCudaBackend(); };
+  o.make_backend = [] { return std::make_unique<DeviceCheckingBackend>(); };
   absl::StatusOr<ReplayResult> emulated = RunReplay(*t, o);
   ASSERT_TRUE(emulated.ok()) << emulated.status();
   EXPECT_EQ(emulated->backend, "cuda-emulated");
