@@ -215,13 +215,15 @@ class DeviceCheckingBackend final : public Backend {
 // checked): K/V/Q cross into device buffers before each call, and the
 // replay serves, recalls and moves what it does on the CPU backend.
 TEST(Replay, RunsOnABackendWithoutHostAccessibleMemory) {
-  // Two short requests: the emulated kernels are slow.
+  // Two short requests (150 and 100 prompt tokens): the emulated kernels are slow.
   absl::StatusOr<Trace> t = ParseTrace(R"({"timestamp": 0, "input_length": 1200, "output_length": 24, "hash_ids": [0, 1, 2]}
 {"timestamp": 0, "input_length": 800, "output_length": 24, "hash_ids": [0, 3]}
 )",
                                        {});
   ASSERT_TRUE(t.ok()) << t.status();
   ReplayOptions o = SmallOptions();
+  o.token_scale = 8;
+  o.device_budget_fraction = 0.3;
   absl::StatusOr<ReplayResult> cpu = RunReplay(*t, o);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   ASSERT_GT(cpu->recall_requested, 0);  // recall and the tiers take part
