@@ -462,8 +462,9 @@ absl::Status BlockStore::Delete(Ref ref) {
   return absl::OkStatus();
 }
 
-void BlockStore::FinishHostParts(std::vector<std::pair<int, Ref>> parts, std::vector<int64_t> bytes,
-                                  const std::shared_ptr<Transfer>& transfer, std::vector<absl::Status> status) {
+void BlockStore::FinishHostParts(std::span<const std::pair<int, Ref>> parts, std::span<const int64_t> bytes,
+                                  const std::shared_ptr<Transfer>& transfer,
+                                  std::span<std::pair<int, absl::Status>> done) {
   State& s = *state_;
   {
     std::lock_guard lock(s.mu);
@@ -471,7 +472,7 @@ void BlockStore::FinishHostParts(std::vector<std::pair<int, Ref>> parts, std::ve
       const Ref ref = parts[i].second;
       State::Block& b = s.blocks[ref];
       --b.pins;
-      if (status[i].ok()) s.stats.bytes_host_to_device += bytes[i];
+      if (done[i].second.ok()) s.stats.bytes_host_to_device += bytes[i];
       if (b.pins == 0 && b.free_host_when_unpinned) {
         b.free_host_when_unpinned = false;
         host_.Free(b.host).IgnoreError();
@@ -483,8 +484,6 @@ void BlockStore::FinishHostParts(std::vector<std::pair<int, Ref>> parts, std::ve
     --s.in_flight;
     ++s.finishing;
   }
-  std::vector<std::pair<int, absl::Status>> done(parts.size());
-  for (size_t i = 0; i < parts.size(); ++i) done[i] = {parts[i].first, std::move(status[i])};
   transfer->FinishParts(done);
   std::lock_guard lock(s.mu);
   --s.finishing;
@@ -555,7 +554,9 @@ std::shared_ptr<Transfer> BlockStore::Gather(std::span<const GatherPart> parts) 
     if (!host_parts.empty()) {
       ++s.in_flight;
       s.jobs.push_back([this, host_parts = std::move(host_parts), host_rows = std::move(host_rows), transfer]() mutable {
-        std::vector<absl::Status> status(host_parts.size());
+        // (part, status) of each host part, as the transfer takes them.
+        std::vector<std::pair<int, absl::Status>> done(host_parts.size());
+        for (size_t i = 0; i < host_parts.size(); ++i) done[i].first = host_parts[i].first;
         std::vector<int64_t> bytes(host_parts.size(), 0);
         for (size_t i = 0; i < host_parts.size(); ++i) {
           const std::vector<GatherRow>& rows = host_rows[i].second;
@@ -567,8 +568,8 @@ std::shared_ptr<Transfer> BlockStore::Gather(std::span<const GatherPart> parts) 
                    static_cast<char*>(rows[e].dst) == static_cast<char*>(rows[j].dst) + run) {
               run += rows[e++].bytes;
             }
-            status[i].Update(backend_.Copy(rows[j].dst, host_rows[i].first + rows[j].offset, run,
-                                           CopyKind::kHostToDevice, gather_stream_.get()));
+            done[i].second.Update(backend_.Copy(rows[j].dst, host_rows[i].first + rows[j].offset, run,
+                                                CopyKind::kHostToDevice, gather_stream_.get()));
             bytes[i] += run;
             j = e;
           }
@@ -576,9 +577,9 @@ std::shared_ptr<Transfer> BlockStore::Gather(std::span<const GatherPart> parts) 
         // One wait for the whole gather, on its own stream: attention keeps
         // running on the kernels' stream meanwhile.
         if (const absl::Status st = gather_stream_->Synchronize(); !st.ok()) {
-          for (absl::Status& part : status) part.Update(st);
+          for (auto& [part, status] : done) status.Update(st);
         }
-        FinishHostParts(std::move(host_parts), std::move(bytes), transfer, std::move(status));
+        FinishHostParts(host_parts, bytes, transfer, done);
       });
       s.jobs_cv.notify_one();
     }

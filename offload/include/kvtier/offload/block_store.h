@@ -167,9 +167,10 @@ class BlockStore {
   // Completions, called without the lock.
   void OnDemoted(Ref ref, absl::Status status);
   void OnRead(Ref ref, absl::Status status);
-  // Unpins the host-copied parts of a gather and completes them.
-  void FinishHostParts(std::vector<std::pair<int, Ref>> parts, std::vector<int64_t> bytes,
-                       const std::shared_ptr<Transfer>& transfer, std::vector<absl::Status> status);
+  // Unpins the host-copied parts of a gather ((part, block), with the bytes
+  // each copied) and completes them with `done` ((part, status); moved from).
+  void FinishHostParts(std::span<const std::pair<int, Ref>> parts, std::span<const int64_t> bytes,
+                       const std::shared_ptr<Transfer>& transfer, std::span<std::pair<int, absl::Status>> done);
 
   HostTier& host_;
   Tier* const disk_;
