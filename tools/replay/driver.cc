@@ -107,6 +107,13 @@ absl::Status Validate(const ReplayOptions& o) {
   return absl::OkStatus();
 }
 
+// Events per second of `seconds`, 0 where none passed.
+double Rate(double events, double seconds) { return seconds > 0 ? events / seconds : 0.0; }
+// Decoded tokens x layers.
+double DecodeEvents(const ReplayResult& r, const ReplayOptions& o) {
+  return static_cast<double>(r.decode_tokens) * o.shape.layers;
+}
+
 }  // namespace
 
 absl::StatusOr<Options> FoldedOptions(const Options& o) {
@@ -274,7 +281,7 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
   double last_progress = wall0;
   std::vector<char> kbuf, vbuf;
   std::vector<float> scores;
-  std::vector<char> q(static_cast<size_t>(sh.q_heads) * row), out(q.size());
+  const int64_t q_bytes = sh.q_heads * row;  // one sequence's Q (and attention output) on a layer
   // K/V/Q in the backend's memory: host memory passes as it is, else they
   // cross into device buffers before each call (as in kvtier-demo); freed
   // before the runtime (which owns the backend) is.
@@ -289,8 +296,8 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
   char *dk = nullptr, *dv = nullptr, *dq = nullptr, *dout = nullptr;
   if (!host_tensors) {
     const int64_t kv_bytes = std::max(options.prefill_chunk, 1) * RH * row;
-    const int64_t q_bytes = static_cast<int64_t>(options.max_sequences) * static_cast<int64_t>(q.size());
-    for (auto [buffer, bytes] : {std::pair{&dk, kv_bytes}, {&dv, kv_bytes}, {&dq, q_bytes}, {&dout, q_bytes}}) {
+    const int64_t qs_bytes = options.max_sequences * q_bytes;
+    for (auto [buffer, bytes] : {std::pair{&dk, kv_bytes}, {&dv, kv_bytes}, {&dq, qs_bytes}, {&dout, qs_bytes}}) {
       absl::StatusOr<void*> p = backend.AllocateDevice(bytes);
       if (!p.ok()) return p.status();
       device.ptrs.push_back(*p);
@@ -443,7 +450,7 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
     const Totals before = Snapshot(rt, fold);
     int64_t exact = 0, sketch = 0;
     std::vector<AttendItem> items(live.size());
-    std::vector<std::vector<char>> qs(plan_only ? 0 : live.size(), std::vector<char>(q.size())), outs = qs;
+    std::vector<std::vector<char>> qs(plan_only ? 0 : live.size(), std::vector<char>(q_bytes)), outs = qs;
     kbuf.resize(RH * row);
     vbuf.resize(kbuf.size());
     // Plan-only: the new token's weight, as seen from itself.
@@ -469,7 +476,6 @@ absl::StatusOr<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& 
             content.KeysValues(s.keys, s.length, 1, kbuf.data(), vbuf.data());
             content.Query(s.keys, s.length, qs[j].data());
           }
-          const int64_t q_bytes = static_cast<int64_t>(q.size());
           absl::StatusOr<const void*> kd = to_device(dk, kbuf.data(), RH * row);
           absl::StatusOr<const void*> vd = to_device(dv, vbuf.data(), RH * row);
           absl::StatusOr<const void*> qd = to_device(host_tensors ? nullptr : dq + j * q_bytes, qs[j].data(), q_bytes);
@@ -599,10 +605,9 @@ std::string ReplaySummary(const ReplayResult& r, const ReplayOptions& o) {
   }
   absl::StrAppendFormat(&s, "virtual clock: %.1f s; decode step p50 %.0f us, p99 %.0f us\n", r.virtual_seconds,
                         Percentile(r.step_us, 50), Percentile(r.step_us, 99));
-  const double decode_events = static_cast<double>(r.decode_tokens) * o.shape.layers;
   absl::StrAppendFormat(&s, "wall: %.2f s, %.3g token-events/s; decode steps %.2f s, %.3g token-events/s\n",
-                        r.wall_seconds, r.wall_seconds > 0 ? r.token_events / r.wall_seconds : 0.0,
-                        r.decode_wall_seconds, r.decode_wall_seconds > 0 ? decode_events / r.decode_wall_seconds : 0.0);
+                        r.wall_seconds, Rate(r.token_events, r.wall_seconds), r.decode_wall_seconds,
+                        Rate(DecodeEvents(r, o), r.decode_wall_seconds));
   return s;
 }
 
@@ -674,10 +679,8 @@ std::string ReplayJson(const ReplayResult& r, const ReplayOptions& o) {
   // Wall-clock figures last: the only keys that differ between identical runs.
   dbl("wall_seconds", r.wall_seconds);
   dbl("decode_wall_seconds", r.decode_wall_seconds);
-  dbl("decode_token_events_per_second",
-      r.decode_wall_seconds > 0 ? static_cast<double>(r.decode_tokens) * o.shape.layers / r.decode_wall_seconds : 0.0);
-  absl::StrAppendFormat(&s, "  \"token_events_per_second\": %.6g\n}\n",
-                        r.wall_seconds > 0 ? r.token_events / r.wall_seconds : 0.0);
+  dbl("decode_token_events_per_second", Rate(DecodeEvents(r, o), r.decode_wall_seconds));
+  absl::StrAppendFormat(&s, "  \"token_events_per_second\": %.6g\n}\n", Rate(r.token_events, r.wall_seconds));
   return s;
 }
 
